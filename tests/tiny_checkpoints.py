@@ -1,0 +1,122 @@
+"""Tiny random checkpoints in the Hub Diffusers layout, written by the reference implementations.
+
+Every model test builds a tiny configuration of the diffusers / transformers class, saves it exactly as
+`save_pretrained` does on the Hub (`model_index.json` + component folders), then loads the same folder
+with dit_rt, so both sides run identical weights. Test-only: imports diffusers and transformers.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+TEXT_DIM = 32  # UMT5 d_model of the tiny text encoder
+WAN_TRANSFORMER = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=16,
+    in_channels=16,
+    out_channels=16,
+    text_dim=TEXT_DIM,
+    freq_dim=32,
+    ffn_dim=48,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=64,
+)
+WAN_VAE = dict(
+    base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True]
+)
+UMT5 = dict(
+    d_model=TEXT_DIM,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+    dropout_rate=0.0,
+)
+
+
+def _randomize(module: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
+    """Give every parameter non-trivial values: zero-initialised gates and biases would hide bugs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 1 and ("norm" in name or name.endswith("gamma")):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+    return module
+
+
+def make_tokenizer():
+    """A small SentencePiece-style Unigram tokenizer (T5 conventions: pad 0, eos 1, unk 2, `</s>` last)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<pad>", "</s>", "<unk>", "▁"]
+    pieces += ["▁" + w for w in ("a", "the", "cat", "dog", "and", "of", "in", "on", "with", "baking", "cake")]
+    pieces += list(string.ascii_letters + string.digits + string.punctuation)
+    vocab = [(p, 0.0) if i < 3 else (p, -1.0 - 0.01 * i) for i, p in enumerate(pieces)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.Replace("  ", " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def make_umt5(seed: int = 1):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(vocab_size=128, **UMT5)
+    return _randomize(UMT5EncoderModel(config).eval(), seed)
+
+
+def make_wan_transformer(seed: int = 2, **overrides):
+    from diffusers import WanTransformer3DModel
+
+    return _randomize(WanTransformer3DModel(**{**WAN_TRANSFORMER, **overrides}).eval(), seed)
+
+
+def make_wan_vae(seed: int = 3):
+    from diffusers import AutoencoderKLWan
+
+    return _randomize(AutoencoderKLWan(**WAN_VAE).eval(), seed, std=0.1)
+
+
+def make_unipc(flow_shift: float = 3.0):
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        num_train_timesteps=1000,
+        flow_shift=flow_shift,
+    )
+
+
+def make_wan_t2v(path: str | Path, *, two_experts: bool = False, boundary_ratio: float = 0.875):
+    """Write a tiny Wan text-to-video pipeline (Wan2.1 layout; Wan2.2 A14B layout with `two_experts`)."""
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline(
+        tokenizer=make_tokenizer(),
+        text_encoder=make_umt5(),
+        vae=make_wan_vae(),
+        scheduler=make_unipc(),
+        transformer=make_wan_transformer(seed=2),
+        transformer_2=make_wan_transformer(seed=4) if two_experts else None,
+        boundary_ratio=boundary_ratio if two_experts else None,
+    )
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    return pipe
