@@ -1,3 +1,50 @@
-"""dit_rt: a standalone, minimal runtime for diffusion-transformer image and video generation."""
+"""dit_rt: a standalone, minimal runtime for diffusion-transformer image and video generation.
+
+pipe = dit_rt.load("wan2.1-t2v-1.3b")          # alias, Hub repo id, or local Hub-layout folder
+out = pipe.generate("a cat and a dog baking a cake")
+out.save("cake.mp4")
+"""
+
+from __future__ import annotations
 
 __version__ = "0.1.0"
+
+# Pipeline classes by the `_class_name` of model_index.json; anything else is reported as unsupported.
+_PIPELINES = {"WanPipeline": ("dit_rt.pipelines.wan", "WanPipeline")}
+
+
+def list_models():
+    """Every catalog entry (alias, Hub repo, family, task, defaults, implemented)."""
+    from dit_rt.catalog import list_models
+
+    return list_models()
+
+
+def load(model: str, *, revision: str | None = None, **options):
+    """Build a pipeline from a catalog alias, a Hub repo id or a local folder in the Hub Diffusers layout.
+
+    Runtime options (`device`, `dtype`, `attention`, `linear`, `vae_dtype`, `parallel`, `cache`, `offload`,
+    `compile`) are validated before any file is read; see README.md for each.
+    """
+    import importlib
+
+    from dit_rt import loaders
+    from dit_rt.catalog import lookup
+    from dit_rt.runtime import RuntimeOptions
+
+    opts = RuntimeOptions.create(**options)
+    entry = lookup(model)
+    if entry is not None and not entry.implemented:
+        raise NotImplementedError(
+            f"{entry.alias} ({entry.repo}, family {entry.family!r}, task {entry.task!r}) is in the catalog "
+            "but not supported by this version of dit_rt yet; `dit-rt models` lists what runs"
+        )
+    folder = loaders.resolve(entry.repo if entry else model, revision=revision or (entry and entry.revision))
+    index = loaders.read_model_index(folder)
+    name = index.get("_class_name")
+    if name not in _PIPELINES:
+        raise NotImplementedError(
+            f"{folder}: pipeline {name!r} is not supported yet; supported: {', '.join(sorted(_PIPELINES))}"
+        )
+    module, cls = _PIPELINES[name]
+    return getattr(importlib.import_module(module), cls)(folder, index, opts, entry)

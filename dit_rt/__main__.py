@@ -1,0 +1,5 @@
+import sys
+
+from dit_rt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,205 @@
+"""The embedded demo: a tiny random Wan text-to-video checkpoint written once into the user cache.
+
+It is built with dit_rt's own modules and saved in the Hub Diffusers layout (the same files and key names
+as a real snapshot), so `dit-rt demo` exercises the whole load -> generate -> save path with no download.
+The weights are random: the output is noise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+
+TEXT_DIM = 32
+TRANSFORMER = dict(
+    _class_name="WanTransformer3DModel",
+    patch_size=[1, 2, 2],
+    num_attention_heads=2,
+    attention_head_dim=16,
+    in_channels=16,
+    out_channels=16,
+    text_dim=TEXT_DIM,
+    freq_dim=32,
+    ffn_dim=64,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    image_dim=None,
+    added_kv_proj_dim=None,
+    rope_max_seq_len=1024,
+    pos_embed_seq_len=None,
+)
+VAE = dict(
+    _class_name="AutoencoderKLWan",
+    base_dim=8,
+    z_dim=16,
+    dim_mult=[1, 2, 2, 2],
+    num_res_blocks=1,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],
+    dropout=0.0,
+    latents_mean=[0.0] * 16,
+    latents_std=[1.0] * 16,
+)
+TEXT_ENCODER = dict(
+    architectures=["UMT5EncoderModel"],
+    model_type="umt5",
+    vocab_size=128,
+    d_model=TEXT_DIM,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+    dense_act_fn="gelu_new",
+    is_gated_act=True,
+    layer_norm_epsilon=1e-6,
+    dropout_rate=0.0,
+    pad_token_id=0,
+    eos_token_id=1,
+    tie_word_embeddings=False,
+)
+SCHEDULER = dict(
+    _class_name="UniPCMultistepScheduler",
+    num_train_timesteps=1000,
+    solver_order=2,
+    prediction_type="flow_prediction",
+    predict_x0=True,
+    solver_type="bh2",
+    lower_order_final=True,
+    disable_corrector=[],
+    final_sigmas_type="zero",
+    use_flow_sigmas=True,
+    flow_shift=3.0,
+    timestep_spacing="linspace",
+    steps_offset=0,
+)
+INDEX = dict(
+    _class_name="WanPipeline",
+    boundary_ratio=None,
+    expand_timesteps=False,
+    scheduler=["diffusers", "UniPCMultistepScheduler"],
+    text_encoder=["transformers", "UMT5EncoderModel"],
+    tokenizer=["transformers", "T5TokenizerFast"],
+    transformer=["diffusers", "WanTransformer3DModel"],
+    transformer_2=[None, None],
+    vae=["diffusers", "AutoencoderKLWan"],
+)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DIT_RT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dit_rt"
+    )
+    return Path(root)
+
+
+def checkpoint_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under checkpoint key names: fused projections split back into their sources."""
+    from dit_rt.ops import Linear
+
+    state = {}
+    fused = {name for name, m in model.named_modules() if isinstance(m, Linear) and m.sources}
+    for name, module in model.named_modules():
+        if name in fused:
+            parent = name.rpartition(".")[0]
+            for param in ("weight", "bias"):
+                t = getattr(module, param)
+                if t is None:
+                    continue
+                for src, part in zip(module.sources, t.split(module.splits, dim=0)):
+                    state[f"{parent}.{src}.{param}" if parent else f"{src}.{param}"] = part.contiguous()
+    for key, t in model.state_dict().items():
+        if key.rpartition(".")[0] not in fused:
+            state[key] = t.contiguous()
+    return state
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.copy_(1 + 0.05 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    pieces = ["<pad>", "</s>", "<unk>", "▁"] + list(string.ascii_letters + string.digits + string.punctuation)
+    vocab = [(p, 0.0 if i < 3 else -1.0 - 0.01 * i) for i, p in enumerate(pieces)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    return tok.to_str()
+
+
+def write_tiny_wan(folder: Path, seed: int = 0) -> Path:
+    """Write the tiny random Wan T2V checkpoint (Hub Diffusers layout) into `folder`."""
+    from safetensors.torch import save_file
+
+    from dit_rt.models.text import UMT5Config, UMT5Encoder
+    from dit_rt.models.wan import WanTransformer, WanTransformerConfig, WanVAE, WanVAEConfig
+
+    components = {
+        "transformer": (
+            WanTransformer(WanTransformerConfig.from_config(TRANSFORMER)),
+            TRANSFORMER,
+            "diffusion_pytorch_model.safetensors",
+            "config.json",
+        ),
+        "vae": (
+            WanVAE(WanVAEConfig.from_config(VAE)),
+            VAE,
+            "diffusion_pytorch_model.safetensors",
+            "config.json",
+        ),
+        "text_encoder": (
+            UMT5Encoder(UMT5Config.from_config(TEXT_ENCODER)),
+            TEXT_ENCODER,
+            "model.safetensors",
+            "config.json",
+        ),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (name, (model, config, weights, config_name)) in enumerate(components.items()):
+        (folder / name).mkdir(exist_ok=True)
+        save_file(checkpoint_state(_randomize(model, seed + i)), folder / name / weights)
+        (folder / name / config_name).write_text(json.dumps(config, indent=2))
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
+    (folder / "tokenizer").mkdir(exist_ok=True)
+    (folder / "tokenizer" / "tokenizer.json").write_text(_tokenizer_json())
+    (folder / "model_index.json").write_text(json.dumps(INDEX, indent=2))
+    return folder
+
+
+def tiny_wan_folder() -> Path:
+    """The demo checkpoint, written on first use; a half-written folder is never left in place."""
+    target = cache_dir() / "demo" / "tiny-wan-t2v"
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-wan-"))
+    try:
+        write_tiny_wan(tmp)
+        tmp.rename(target)
+    except OSError:
+        if not (target / "model_index.json").is_file():  # a concurrent writer did not win the race either
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

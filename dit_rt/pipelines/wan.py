@@ -1,0 +1,203 @@
+"""Wan 2.1 / 2.2 text-to-video: UMT5 prompt embeddings, the UniPC flow loop with classifier-free guidance
+(two experts split at `boundary_ratio` for Wan 2.2 A14B), and the Wan VAE decode.
+
+Step for step the same computation as diffusers' `WanPipeline`, so both give the same frames from the same
+`latents`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from dit_rt.catalog import Defaults, Entry
+from dit_rt.pipeline import GenerationOutput, StepCallback, as_prompt_list, guide, make_generator, progress
+from dit_rt.runtime import RuntimeOptions
+
+log = logging.getLogger("dit_rt")
+
+VAE_SCALE_SPATIAL, VAE_SCALE_TEMPORAL, PATCH = 8, 4, 2
+
+
+class WanPipeline:
+    """Text-to-video for every Wan 2.1 / 2.2 A14B checkpoint in the Hub Diffusers layout."""
+
+    def __init__(self, folder: Path, index: dict, options: RuntimeOptions, entry: Entry | None = None):
+        from dit_rt import loaders
+        from dit_rt.models.text import Tokenizer, UMT5Config, UMT5Encoder
+        from dit_rt.models.wan import WanTransformer, WanTransformerConfig, WanVAE, WanVAEConfig
+        from dit_rt.schedulers import UniPCFlowScheduler
+
+        self.folder, self.options, self.entry = folder, options, entry
+        device, dtype = options.device, options.dtype
+        self.device, self.dtype = device, dtype
+
+        def build(cls, config_cls, component: str, dtype, linear_format=None):
+            config = config_cls.from_config(loaders.read_config(folder / component))
+            with torch.device("meta"):
+                model = cls(config)
+            loaders.load_weights(
+                model,
+                folder / component,
+                device=device,
+                dtype=dtype,
+                linear_format=linear_format,
+                component=component,
+            )
+            return model.eval().requires_grad_(False)
+
+        self.tokenizer = Tokenizer.from_folder(folder / "tokenizer")
+        self.text_encoder = build(UMT5Encoder, UMT5Config, "text_encoder", dtype)
+        self.vae = build(WanVAE, WanVAEConfig, "vae", options.vae_dtype or dtype)
+        experts = ["transformer"] + (["transformer_2"] if index.get("transformer_2", [None])[0] else [])
+        self.transformers = [
+            build(WanTransformer, WanTransformerConfig, name, dtype, options.linear_format)
+            for name in experts
+        ]
+        for model in self.transformers:
+            options.install(model)
+        ratio = index.get("boundary_ratio")
+        if len(self.transformers) == 2 and ratio is None:
+            raise ValueError(f"{folder}: model_index.json lists transformer_2 but no boundary_ratio")
+        self.scheduler_config = loaders.read_config(folder / "scheduler")
+        self.scheduler = UniPCFlowScheduler.from_config(self.scheduler_config)
+        self.boundary_timestep = None if ratio is None else ratio * self.scheduler.num_train_timesteps
+        self.defaults = entry.defaults if entry else self._defaults_from_config()
+
+    def _defaults_from_config(self) -> Defaults:
+        """A folder outside the catalog: diffusers' WanPipeline call defaults."""
+        from dit_rt.catalog import WAN_NEGATIVE
+
+        return Defaults(480, 832, 81, 16, 50, 5.0, None, None, WAN_NEGATIVE)
+
+    # ---------------------------------------------------------------------------------------------- inputs
+
+    def check_inputs(self, height, width, num_frames, batch, latents):
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v <= 0 or v % (VAE_SCALE_SPATIAL * PATCH):
+                grid = VAE_SCALE_SPATIAL * PATCH
+                fix = max(grid, round(v / grid) * grid) if isinstance(v, int) else grid
+                raise ValueError(f"{name}={v} must be a positive multiple of {grid} (VAE x patch); try {fix}")
+        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % VAE_SCALE_TEMPORAL:
+            nearest = max(1, (num_frames - 1) // 4 * 4 + 1) if isinstance(num_frames, int) else 81
+            raise ValueError(f"num_frames={num_frames} must be 4k+1 (1, 5, ..., 81); try {nearest}")
+        shape = self.latent_shape(batch, height, width, num_frames)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for this request, got {tuple(latents.shape)}")
+        return shape
+
+    def latent_shape(self, batch, height, width, num_frames):
+        z = self.vae.config.z_dim
+        frames = (num_frames - 1) // VAE_SCALE_TEMPORAL + 1
+        return (batch, z, frames, height // VAE_SCALE_SPATIAL, width // VAE_SCALE_SPATIAL)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512) -> torch.Tensor:
+        from dit_rt.models.text import wan_text_embeddings
+
+        return wan_text_embeddings(
+            self.text_encoder,
+            self.tokenizer,
+            prompts,
+            max_length=max_sequence_length,
+            device=self.device,
+            dtype=self.dtype,
+        )
+
+    # ---------------------------------------------------------------------------------------------- generate
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt=None,
+        negative_prompt=None,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_scale_2: float | None = None,
+        flow_shift: float | None = None,
+        seed: int | None = None,
+        latents: torch.Tensor | None = None,
+        image=None,
+        max_sequence_length: int = 512,
+        progress_bar: bool = True,
+        callback: StepCallback | None = None,
+        output_type: str = "frames",
+    ) -> GenerationOutput:
+        d = self.defaults
+        if image is not None:
+            raise ValueError("this Wan checkpoint is text-to-video: `image=` needs an image-to-video model")
+        if prompt is None:
+            raise ValueError("generate() needs a prompt")
+        prompts = as_prompt_list(prompt)
+        negative = negative_prompt if negative_prompt is not None else d.negative_prompt
+        negatives = as_prompt_list(negative, "negative_prompt")
+        if len(negatives) == 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        height, width = height or d.height, width or d.width
+        num_frames = num_frames or d.num_frames
+        steps = num_inference_steps or d.num_inference_steps
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive int, got {steps!r}")
+        g1 = d.guidance_scale if guidance_scale is None else guidance_scale
+        g2 = (
+            guidance_scale_2
+            if guidance_scale_2 is not None
+            else (d.guidance_scale_2 if guidance_scale is None else None)
+        )
+        g2 = g1 if g2 is None else g2
+        if output_type not in ("frames", "latents"):
+            raise ValueError(f"output_type must be 'frames' or 'latents', got {output_type!r}")
+        shape = self.check_inputs(height, width, num_frames, len(prompts), latents)
+
+        do_cfg = g1 > 1.0  # as the reference: guidance is decided by the first expert's scale
+        cond = self.encode_prompt(prompts, max_sequence_length)
+        uncond = self.encode_prompt(negatives, max_sequence_length) if do_cfg else None
+
+        if latents is None:
+            latents = torch.randn(shape, generator=make_generator(seed, self.device), device=self.device)
+        latents = latents.to(self.device, torch.float32)
+
+        shift = flow_shift if flow_shift is not None else d.flow_shift
+        scheduler = self.scheduler
+        if shift is not None and shift != scheduler.flow_shift:
+            from dit_rt.schedulers import UniPCFlowScheduler
+
+            scheduler = UniPCFlowScheduler.from_config({**self.scheduler_config, "flow_shift": shift})
+        scheduler.set_timesteps(steps, device=self.device)
+
+        for i, t in enumerate(progress(scheduler.timesteps, progress_bar)):
+            expert, scale = self._expert(t, g1, g2)
+            x = latents.to(self.dtype)
+            timestep = t.expand(x.shape[0])
+            noise = expert(x, timestep, cond)
+            if do_cfg:
+                noise = guide(expert(x, timestep, uncond), noise, scale)
+            latents = scheduler.step(noise, t, latents)
+            if callback is not None:
+                callback(i, t, latents)
+
+        fps = d.fps
+        if output_type == "latents":
+            return GenerationOutput(frames=torch.empty(0), latents=latents, fps=fps)
+        return GenerationOutput(frames=self.decode(latents), latents=latents, fps=fps)
+
+    def _expert(self, t: torch.Tensor, g1: float, g2: float):
+        if self.boundary_timestep is None or t >= self.boundary_timestep:
+            return self.transformers[0], g1
+        return self.transformers[1], g2
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> float32 frames (B, T, H, W, C) in [0, 1] on the CPU."""
+        z = self.vae.denormalize_latents(latents.to(self.vae.dtype))
+        video = self.vae.decode(z)  # [B, C, T, H, W] in [-1, 1]
+        frames = (video.float() / 2 + 0.5).clamp(0, 1)
+        return frames.permute(0, 2, 3, 4, 1).cpu()
