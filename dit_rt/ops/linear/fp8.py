@@ -1,0 +1,220 @@
+"""fp8 (e4m3) weight formats with dynamic activation scales: per-tensor, rowwise, DeepSeek blockwise.
+
+Scales are fp32 *dequantization* scales (x ~= q * s, s = amax / 448), what `scaled_mm` multiplies by.
+
+- `fp8-per-tensor`: one weight scale per fused slice (q/k/v keep their own), one activation scale per
+  call. One slice runs the tensorwise GEMM; several run the rowwise GEMM with each slice's scale
+  broadcast over its columns (tensorwise cannot scale columns differently).
+- `fp8-rowwise`: one scale per weight output row, one per activation row.
+- `fp8-blockwise`: 128x128 weight blocks, 1x128 activation blocks. cuBLAS (sm90) wants the
+  activation scales outer-dim-major, (M, K/128) with strides (1, M), and the weight scales as
+  (K/128 rounded up to 4, N/128) with strides (1, that padded count).
+
+Shapes: the weight is zero-padded once at conversion to N % 16 == 0 and K % 16 == 0 (K % 128 == 0 for
+blockwise): fp8 GEMMs need 16-byte aligned leading dimensions. An activation whose K is not aligned
+is padded per call (real DiT widths never are); padded output columns are sliced off.
+
+On CUDA with capability >= 8.9 the real kernels run (`F.scaled_mm`, or `torch._scaled_mm` before
+torch 2.10) with the fused Triton activation quantizer; everywhere else the same quantization is
+emulated in fp32: quantize -> dequantize -> matmul, equal to the GPU up to accumulation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dit_rt.ops.linear import triton_quant
+from dit_rt.ops.linear.base import LinearFormat, capability, pad2d, round_up, slice_rows
+
+E4M3 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+EPS = 1e-12
+
+
+def fp8_native(device: torch.device) -> bool:
+    """Real fp8 GEMMs exist on this device (CUDA sm89+)."""
+    return capability(device) >= (8, 9)
+
+
+def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes of x / scale (scale broadcasts), saturated: a plain cast would turn >448 into NaN."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
+
+
+def amax_scale(amax: torch.Tensor) -> torch.Tensor:
+    return amax.float().clamp(min=EPS) / FP8_MAX
+
+
+def quantize_act(x: torch.Tensor, mode: str, k_pad: int, m_pad: int | None = None):
+    """Dynamic fp8 quantization of x (M, K) -> codes (Mp, k_pad) and fp32 scales.
+
+    Scales: "tensor" (1,), "row" (Mp, 1), "block" (Mp, k_pad / 128). On CUDA with Triton the fused
+    kernel runs (block scales then come M-major, as cuBLAS wants); otherwise the torch path.
+    """
+    if x.is_cuda and triton_quant.available():
+        return triton_quant.quantize(x if x.stride(-1) == 1 else x.contiguous(), mode, k_pad, m_pad)
+    M, K = x.shape
+    x = pad2d(x.float(), m_pad or M, k_pad)
+    if mode == "tensor":
+        s = amax_scale(x.abs().amax()).reshape(1)
+    elif mode == "row":
+        s = amax_scale(x.abs().amax(dim=1, keepdim=True))
+    elif mode == "block":
+        blocks = x.unflatten(1, (k_pad // 128, 128))  # [Mp, L, 128]
+        s = amax_scale(blocks.abs().amax(dim=2))  # [Mp, L]
+        return to_fp8(blocks, s[..., None]).flatten(1), s
+    else:
+        raise ValueError(f"unknown activation scaling {mode!r}; expected 'tensor', 'row' or 'block'")
+    return to_fp8(x, s), s
+
+
+def dequant_act(q: torch.Tensor, s: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "block":
+        return (q.float().unflatten(1, (s.shape[1], 128)) * s[..., None]).flatten(1)
+    return q.float() * s
+
+
+def _scaled_mm(a, b, scale_a, recipe_a: str, scale_b, recipe_b: str, bias, out_dtype):
+    """fp8 GEMM a (M, K) @ b (K, N, column-major) through whichever scaled-mm API this torch has."""
+    if hasattr(F, "scaled_mm"):
+        st = F.ScalingType
+        recipes = {"tensor": st.TensorWise, "row": st.RowWise, "1x128": st.BlockWise1x128}
+        recipes["128x128"] = st.BlockWise128x128
+        return F.scaled_mm(
+            a, b, scale_a, recipes[recipe_a], scale_b, recipes[recipe_b], bias=bias, output_dtype=out_dtype
+        )
+    # torch < 2.10: the recipe is inferred from the scale shapes, which ours already have.
+    return torch._scaled_mm(a, b, scale_a, scale_b, bias=bias, out_dtype=out_dtype)
+
+
+class _Fp8Format(LinearFormat):
+    """Shared conversion and dispatch. Subclasses set `act_mode`, and provide `weight_scales(m, w)`
+    (dequant scales broadcastable against the padded fp32 weight) or their own `store`, and
+    `forward_kernel(m, x)` for the real GEMM."""
+
+    act_mode = "tensor"
+    k_align = 16
+
+    def convert(self, m, w, **opts):
+        if opts:
+            raise TypeError(f"{self.name} takes no options, got {sorted(opts)}")
+        N, K = w.shape
+        w = pad2d(w, round_up(N, 16), round_up(K, self.k_align))
+        self.store(m, w)
+
+    def store(self, m, w):
+        s = self.weight_scales(m, w)
+        m.register_quant_buffer("qweight", to_fp8(w, s))
+        m.register_quant_buffer("weight_scale", s.contiguous())
+
+    def weight_dequant(self, m) -> torch.Tensor:
+        return m.qweight.float() * m.weight_scale
+
+    def forward(self, m, x):
+        if x.is_cuda and fp8_native(x.device):
+            return self.forward_kernel(m, x)
+        return self.forward_emulated(m, x)
+
+    def forward_emulated(self, m, x):
+        q, s = quantize_act(x, self.act_mode, m.qweight.shape[1])
+        y = dequant_act(q, s, self.act_mode) @ self.weight_dequant(m).t()  # [M, Np]
+        y = y[:, : m.out_features]
+        if m.bias is not None:
+            y = y + m.bias.float()
+        return y.to(x.dtype)
+
+
+class Fp8PerTensor(_Fp8Format):
+    name = "fp8-per-tensor"
+
+    def weight_scales(self, m, w):
+        # One scale per fused slice, expanded to a column of per-row scales [Np, 1].
+        rows = slice_rows(m.splits, w.shape[0], w.device)
+        amax = torch.zeros(len(m.splits), device=w.device).scatter_reduce(
+            0, rows, w.abs().amax(dim=1), "amax"
+        )
+        return amax_scale(amax)[rows][:, None]
+
+    def store(self, m, w):
+        super().store(m, w)
+        # scaled_mm wants the rowwise weight scales as (1, N); the [Np, 1] column has the same memory.
+        m.single_scale = len(m.splits) == 1
+
+    def forward_kernel(self, m, x):
+        Np, Kp = m.qweight.shape
+        q, s = quantize_act(x, "tensor", Kp)
+        bias = m.bias if Np == m.out_features else None
+        if m.single_scale:
+            y = _scaled_mm(q, m.qweight.t(), s, "tensor", m.weight_scale[0], "tensor", bias, x.dtype)
+        else:
+            s_rows = s.expand(q.shape[0], 1).contiguous()
+            w_s = m.weight_scale.view(1, Np)
+            y = _scaled_mm(q, m.qweight.t(), s_rows, "row", w_s, "row", bias, x.dtype)
+        return _finish(m, y, bias)
+
+
+class Fp8Rowwise(_Fp8Format):
+    name = "fp8-rowwise"
+    act_mode = "row"
+
+    def weight_scales(self, m, w):
+        return amax_scale(w.abs().amax(dim=1, keepdim=True))  # [Np, 1]
+
+    def forward_kernel(self, m, x):
+        Np, Kp = m.qweight.shape
+        q, s = quantize_act(x, "row", Kp)
+        bias = m.bias if Np == m.out_features else None
+        y = _scaled_mm(q, m.qweight.t(), s, "row", m.weight_scale.view(1, Np), "row", bias, x.dtype)
+        return _finish(m, y, bias)
+
+
+class Fp8Blockwise(_Fp8Format):
+    """DeepSeek-V3 style: 128x128 weight blocks, 1x128 activation blocks (per token, per 128 inputs).
+
+    `weight_scale` is (ceil(Np / 128), L4): L = Kp / 128 blocks along K, padded with ones to L4 = L
+    rounded up to 4 (cuBLAS reads it K-major in groups of 4); only [:, :L] is meaningful.
+    A fused projection whose slices are not multiples of 128 rows shares blocks across slices.
+    """
+
+    name = "fp8-blockwise"
+    act_mode = "block"
+    k_align = 128
+    pad_scales_to = 4
+
+    def block_amax(self, w):
+        Np, Kp = w.shape
+        wb = pad2d(w, round_up(Np, 128), Kp).unflatten(0, (-1, 128)).unflatten(2, (-1, 128))
+        return wb.abs().amax(dim=(1, 3))  # [Nb, L]
+
+    def store(self, m, w):
+        Np, Kp = w.shape
+        s = amax_scale(self.block_amax(w))  # [Nb, L]
+        s_full = s.repeat_interleave(128, 0)[:Np].repeat_interleave(128, 1)  # [Np, Kp]
+        m.register_quant_buffer("qweight", to_fp8(w, s_full))
+        L = s.shape[1]
+        m.register_quant_buffer("weight_scale", F.pad(s, (0, round_up(L, self.pad_scales_to) - L), value=1.0))
+
+    def weight_dequant(self, m):
+        Np, Kp = m.qweight.shape
+        s = m.weight_scale[:, : Kp // 128]
+        return m.qweight.float() * s.repeat_interleave(128, 0)[:Np].repeat_interleave(128, 1)
+
+    def forward_kernel(self, m, x):
+        Np, Kp = m.qweight.shape
+        M = x.shape[0]
+        # The M-major activation scales need 16-byte aligned columns: M % 4 == 0 (pad rows if not).
+        q, s = quantize_act(x, "block", Kp, round_up(M, 4))
+        if s.stride(0) != 1:  # torch path: make the scales M-major
+            s = s.t().contiguous().t()
+        y = _scaled_mm(q, m.qweight.t(), s, "1x128", m.weight_scale.t(), "128x128", None, x.dtype)
+        return _finish(m, y[:M], None)
+
+
+def _finish(m, y: torch.Tensor, bias_applied) -> torch.Tensor:
+    """Slice off padded output columns and add the bias where the GEMM epilogue did not."""
+    if y.shape[1] != m.out_features:
+        y = y[:, : m.out_features]
+    if m.bias is not None and bias_applied is None:
+        y = y + m.bias
+    return y

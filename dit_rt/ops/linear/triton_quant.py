@@ -1,0 +1,128 @@
+"""Fused dynamic fp8 activation quantization in Triton: amax, scale and cast in one pass per block.
+
+In plain torch each of the three activation scalings is 4-6 kernels (abs, amax, clamp, div, cast,
+pad), each reading or writing the whole (M, K) activation; at 32760 x 1536 that is most of what fp8
+saves on the GEMM. These kernels read x once (per-tensor: twice, the amax must be global before the
+first cast) and write the fp8 codes, zero padding included, plus the fp32 dequantization scales
+directly in the layout `scaled_mm` wants. Triton is imported when a kernel is first needed, never
+at `import dit_rt`; `fp8.py` keeps the torch path for CPUs and machines without Triton.
+
+Numerics equal the torch path: scale = max(amax, 1e-12) / 448, q = clamp(x / scale, +-448) cast to
+e4m3 with round-to-nearest-even.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def tensor_kernel(
+        x_ptr, q_ptr, amax_ptr, s_ptr, M, K, Kp, stride_xm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
+    ):
+        pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+        scale = tl.maximum(tl.load(amax_ptr).to(tl.float32), 1e-12) / 448.0
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + cols[None, :],
+            mask=(rows < M)[:, None] & (cols < K)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        q = tl.clamp(x / scale, -448.0, 448.0)
+        out_mask = (rows < M)[:, None] & (cols < Kp)[None, :]
+        tl.store(q_ptr + rows[:, None] * Kp + cols[None, :], q.to(tl.float8e4nv), mask=out_mask)
+        if (pid_m == 0) & (pid_k == 0):
+            tl.store(s_ptr, scale)
+
+    @triton.jit
+    def row_kernel(x_ptr, q_ptr, s_ptr, K, Kp, stride_xm, BLOCK_K: tl.constexpr):
+        row = tl.program_id(0)
+        x_row = x_ptr + row.to(tl.int64) * stride_xm
+        q_row = q_ptr + row.to(tl.int64) * Kp
+        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
+        for k0 in range(0, Kp, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+            q = tl.clamp(x / scale, -448.0, 448.0)
+            tl.store(q_row + cols, q.to(tl.float8e4nv), mask=cols < Kp)
+        tl.store(s_ptr + row, scale)
+
+    @triton.jit
+    def block_kernel(x_ptr, q_ptr, s_ptr, M, Mp, K, Kp, stride_xm, BLOCK_M: tl.constexpr):
+        # One (BLOCK_M x 128) tile: one scale per row per 128 columns, written M-major at s[l, m].
+        pid_m, pid_l = tl.program_id(0), tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_l * 128 + tl.arange(0, 128)
+        x = tl.load(
+            x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :],
+            mask=(rows < M)[:, None] & (cols < K)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) / 448.0
+        q = tl.clamp(x / scale[:, None], -448.0, 448.0)
+        tl.store(
+            q_ptr + rows[:, None].to(tl.int64) * Kp + cols[None, :],
+            q.to(tl.float8e4nv),
+            mask=(rows < Mp)[:, None],
+        )
+        tl.store(s_ptr + pid_l * Mp + rows, scale, mask=rows < Mp)
+
+    return triton, tensor_kernel, row_kernel, block_kernel
+
+
+@functools.cache
+def available() -> bool:
+    """True when Triton imports; decided once."""
+    try:
+        _kernels()
+    except ImportError:
+        return False
+    return True
+
+
+def quantize(x: torch.Tensor, mode: str, k_pad: int, m_pad: int | None = None):
+    """Quantize x (M, K), last dim contiguous, to e4m3 codes (Mp, k_pad) with fp32 dequant scales.
+
+    mode "tensor": scale (1,); "row": scale (M, 1); "block" (1x128): scale viewed (Mp, k_pad / 128)
+    with strides (1, Mp), the outer-dim-major layout cuBLAS wants. Mp = m_pad or M; padding is zeros.
+    """
+    triton, tensor_kernel, row_kernel, block_kernel = _kernels()
+    M, K = x.shape
+    Mp = m_pad or M
+    q = torch.empty(Mp, k_pad, device=x.device, dtype=torch.float8_e4m3fn)
+    if mode == "tensor":
+        if Mp != M:
+            q[M:].zero_()
+        amax = torch.linalg.vector_norm(x, float("inf")).float()  # one reduction, no |x| temporary
+        s = torch.empty(1, device=x.device, dtype=torch.float32)
+        grid = (triton.cdiv(M, 64), triton.cdiv(k_pad, 128))
+        tensor_kernel[grid](x, q, amax, s, M, K, k_pad, x.stride(0), BLOCK_M=64, BLOCK_K=128)
+        return q, s
+    if mode == "row":
+        s = torch.empty(Mp, 1, device=x.device, dtype=torch.float32)
+        block_k = min(triton.next_power_of_2(k_pad), 2048)
+        row_kernel[(M,)](x, q, s, K, k_pad, x.stride(0), BLOCK_K=block_k)
+        if Mp != M:
+            q[M:].zero_()
+            s[M:] = 1.0
+        return q, s
+    if mode == "block":
+        n_blocks = k_pad // 128
+        s = torch.empty(n_blocks, Mp, device=x.device, dtype=torch.float32)
+        grid = (triton.cdiv(Mp, 32), n_blocks)
+        block_kernel[grid](x, q, s, M, Mp, K, k_pad, x.stride(0), BLOCK_M=32)
+        return q, s.t()
+    raise ValueError(f"unknown activation scaling {mode!r}; expected 'tensor', 'row' or 'block'")
