@@ -1,0 +1,178 @@
+"""The attention backend registry: names -> backends, resolved once per (name, device, dtype, head_dim).
+
+A backend is a plain callable `fn(q, k, v, scale, return_lse)` on (B, L, H, D) tensors plus two checks:
+`requires()` (can this process run it at all: package importable, ...) and `supports(device, dtype,
+head_dim)` (can it take these inputs). Both return None when fine, else a reason a user can act on.
+Optional packages are imported only inside `requires()` and the kernels, never at `import dit_rt`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("dit_rt")
+
+Reason = str | None
+Result = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def _always() -> Reason:
+    return None
+
+
+def _anything(device: torch.device, dtype: torch.dtype, head_dim: int | None) -> Reason:
+    return None
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """One attention implementation.
+
+    fn(q, k, v, scale, return_lse): q (B, Lq, H, D), k/v (B, Lk, Hk, D) -> out (B, Lq, H, D), or
+    (out, lse) with lse float32 (B, H, Lq), the natural-log sum of exp(scale * q.k) over keys.
+    auto_rank: position in `auto`'s preference (lower first); None: `auto` never picks it (lossy or
+    unmeasured backends are only used when named).
+    """
+
+    name: str
+    fn: Callable[..., Result]
+    requires: Callable[[], Reason] = _always
+    supports: Callable[[torch.device, torch.dtype, int | None], Reason] = _anything
+    auto_rank: int | None = None
+    lse: bool = True
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, return_lse=False
+    ) -> Result:
+        if return_lse and not self.lse:
+            raise NotImplementedError(
+                f"attention backend {self.name!r} cannot return the log-sum-exp; use 'sdpa' or 'fa3'"
+            )
+        return self.fn(q, k, v, scale, return_lse)
+
+
+_BACKENDS: dict[str, AttentionBackend] = {}
+_RESOLVED: dict[tuple, AttentionBackend] = {}
+
+
+def register_backend(backend: AttentionBackend, *, replace: bool = False) -> AttentionBackend:
+    if backend.name in _BACKENDS and not replace:
+        raise ValueError(f"attention backend {backend.name!r} is already registered (pass replace=True)")
+    if backend.name == "auto":
+        raise ValueError("'auto' is reserved: it picks the best available backend")
+    _BACKENDS[backend.name] = backend
+    _RESOLVED.clear()  # a new or replaced backend may change what names and `auto` resolve to
+    return backend
+
+
+def unregister_attention(name: str) -> None:
+    """Remove a registered backend (user code and tests; builtins may be removed too)."""
+    _BACKENDS.pop(name)
+    _RESOLVED.clear()
+
+
+def register_attention(name: str, *, lse: bool = False, replace: bool = False):
+    """Decorator registering a user attention under `name`, selectable with `attention=name`.
+
+    The decorated object is a function or a class; a class is instantiated once (no arguments) on
+    first use. Either is called as `obj(query, key, value, attn_mask=None, scale=..., **kwargs)` with
+    (B, L, H, D) tensors and returns (B, Lq, H, D). With lse=True it is also called with
+    return_lse=True when the caller needs the log-sum-exp and must then return (out, lse).
+    """
+
+    def decorate(obj):
+        instance: list = []
+
+        def target():
+            if not isinstance(obj, type):
+                return obj
+            if not instance:
+                instance.append(obj())
+            return instance[0]
+
+        def fn(q, k, v, scale, return_lse):
+            if not return_lse:
+                return target()(q, k, v, attn_mask=None, scale=scale)
+            out = target()(q, k, v, attn_mask=None, scale=scale, return_lse=True)
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError(
+                    f"attention backend {name!r} was asked for (out, lse) and returned {type(out)}"
+                )
+            return out
+
+        register_backend(AttentionBackend(name, fn, lse=lse), replace=replace)
+        return obj
+
+    return decorate
+
+
+def _usable(backend: AttentionBackend, device, dtype, head_dim) -> Reason:
+    reason = backend.requires()
+    if reason is None and device is not None:
+        reason = backend.supports(torch.device(device), dtype, head_dim)
+    return reason
+
+
+def available_attention(
+    device: torch.device | str | None = None, dtype: torch.dtype | None = None, head_dim: int | None = None
+) -> list[str]:
+    """Names usable in this process; with device (and dtype, head_dim), those that take such inputs."""
+    return [n for n, b in _BACKENDS.items() if _usable(b, device, dtype, head_dim) is None]
+
+
+def attention_names() -> list[str]:
+    """Every name `attention=` accepts: "auto" and each registered backend, usable here or not."""
+    return ["auto", *_BACKENDS]
+
+
+def _describe(device, dtype, head_dim) -> str:
+    return f"device={device}, dtype={str(dtype).removeprefix('torch.')}, head_dim={head_dim}"
+
+
+def resolve_attention(
+    name: str | AttentionBackend,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
+    head_dim: int | None = None,
+) -> AttentionBackend:
+    """The backend `name` resolves to for these inputs; cached, and logged once per resolution.
+
+    `auto` picks the best available backend for the device, dtype and head_dim. A named backend
+    that is unknown, not installed or cannot take the inputs is an error listing the usable ones.
+    """
+    if isinstance(name, AttentionBackend):
+        return name
+    device = torch.device(device)
+    key = (name, device, dtype, head_dim)
+    backend = _RESOLVED.get(key)
+    if backend is not None:
+        return backend
+    where = _describe(device, dtype, head_dim)
+    if name == "auto":
+        ranked = sorted((b for b in _BACKENDS.values() if b.auto_rank is not None), key=lambda b: b.auto_rank)
+        backend = next((b for b in ranked if _usable(b, device, dtype, head_dim) is None), None)
+        if backend is None:
+            raise RuntimeError(f"no attention backend is usable for {where}")
+    elif name not in _BACKENDS:
+        raise ValueError(
+            f"unknown attention backend {name!r}; registered: {sorted(_BACKENDS)}; "
+            f"usable for {where}: {available_attention(device, dtype, head_dim)}"
+        )
+    else:
+        backend = _BACKENDS[name]
+        reason = _usable(backend, device, dtype, head_dim)
+        if reason is not None:
+            raise RuntimeError(
+                f"attention backend {name!r} is not usable for {where}: {reason}. "
+                f"Usable: {available_attention(device, dtype, head_dim)}"
+            )
+    if torch.compiler.is_compiling():
+        return backend  # inside a trace: logging would break fullgraph; the first eager call caches and logs
+    _RESOLVED[key] = backend
+    log.info("attention backend: %s%s for %s", backend.name, " (auto)" if name == "auto" else "", where)
+    return backend
