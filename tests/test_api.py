@@ -80,7 +80,7 @@ def test_not_a_model_folder(tmp_path):
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        (dict(height=40), ValueError, "height=40 must be a positive multiple of 16; try 48"),
+        (dict(height=40), ValueError, r"height=40 must be a positive multiple of 16 \(VAE x patch\); try 32"),
         (dict(width=100), ValueError, "width=100 must be a positive multiple of 16"),
         (dict(num_frames=8), ValueError, "num_frames=8 must be 4k\\+1.*try 5"),
         (dict(num_inference_steps=0), ValueError, "num_inference_steps"),

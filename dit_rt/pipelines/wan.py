@@ -26,7 +26,7 @@ class WanPipeline:
 
     def __init__(self, folder: Path, index: dict, options: RuntimeOptions, entry: Entry | None = None):
         from dit_rt import loaders
-        from dit_rt.models.text import Tokenizer, UMT5Config, UMT5Encoder
+        from dit_rt.models.text import T5Tokenizer, UMT5Config, UMT5Encoder
         from dit_rt.models.wan import WanTransformer, WanTransformerConfig, WanVAE, WanVAEConfig
         from dit_rt.schedulers import UniPCFlowScheduler
 
@@ -48,9 +48,10 @@ class WanPipeline:
             )
             return model.eval().requires_grad_(False)
 
-        self.tokenizer = Tokenizer.from_folder(folder / "tokenizer")
+        self.tokenizer = T5Tokenizer.from_folder(folder / "tokenizer")
         self.text_encoder = build(UMT5Encoder, UMT5Config, "text_encoder", dtype)
-        self.vae = build(WanVAE, WanVAEConfig, "vae", options.vae_dtype or dtype)
+        self.vae_dtype = options.vae_dtype or dtype
+        self.vae = build(WanVAE, WanVAEConfig, "vae", self.vae_dtype)
         experts = ["transformer"] + (["transformer_2"] if index.get("transformer_2", [None])[0] else [])
         self.transformers = [
             build(WanTransformer, WanTransformerConfig, name, dtype, options.linear_format)
@@ -63,7 +64,7 @@ class WanPipeline:
             raise ValueError(f"{folder}: model_index.json lists transformer_2 but no boundary_ratio")
         self.scheduler_config = loaders.read_config(folder / "scheduler")
         self.scheduler = UniPCFlowScheduler.from_config(self.scheduler_config)
-        self.boundary_timestep = None if ratio is None else ratio * self.scheduler.num_train_timesteps
+        self.boundary_timestep = None if ratio is None else ratio * self.scheduler.config.num_train_timesteps
         self.defaults = entry.defaults if entry else self._defaults_from_config()
 
     def _defaults_from_config(self) -> Defaults:
@@ -141,9 +142,10 @@ class WanPipeline:
             negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        height, width = height or d.height, width or d.width
-        num_frames = num_frames or d.num_frames
-        steps = num_inference_steps or d.num_inference_steps
+        height = d.height if height is None else height
+        width = d.width if width is None else width
+        num_frames = d.num_frames if num_frames is None else num_frames
+        steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"num_inference_steps must be a positive int, got {steps!r}")
         g1 = d.guidance_scale if guidance_scale is None else guidance_scale
@@ -167,10 +169,10 @@ class WanPipeline:
 
         shift = flow_shift if flow_shift is not None else d.flow_shift
         scheduler = self.scheduler
-        if shift is not None and shift != scheduler.flow_shift:
+        if shift is not None and shift != scheduler.config.flow_shift:
             from dit_rt.schedulers import UniPCFlowScheduler
 
-            scheduler = UniPCFlowScheduler.from_config({**self.scheduler_config, "flow_shift": shift})
+            scheduler = UniPCFlowScheduler.from_config(self.scheduler_config, flow_shift=shift)
         scheduler.set_timesteps(steps, device=self.device)
 
         for i, t in enumerate(progress(scheduler.timesteps, progress_bar)):
@@ -197,7 +199,7 @@ class WanPipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> float32 frames (B, T, H, W, C) in [0, 1] on the CPU."""
-        z = self.vae.denormalize_latents(latents.to(self.vae.dtype))
+        z = self.vae.denormalize_latents(latents.to(self.vae_dtype))
         video = self.vae.decode(z)  # [B, C, T, H, W] in [-1, 1]
         frames = (video.float() / 2 + 0.5).clamp(0, 1)
         return frames.permute(0, 2, 3, 4, 1).cpu()

@@ -1,0 +1,37 @@
+"""FSDP2 for inference: each transformer block's weights sharded over all ranks, gathered just in time.
+
+Every rank runs the same weights whatever its dp / cfg / sequence coordinates, so the shards span the
+whole world: a 14B transformer takes 1/world of its bytes per GPU plus one or two gathered blocks.
+fully_shard per block (then on the root for the remaining boundary layers) lets the all-gather of
+block i+1 overlap block i.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+
+
+def shard_blocks(
+    model: nn.Module, blocks: str = "blocks", *, reshard_after_forward: bool = True
+) -> nn.Module:
+    """Apply `torch.distributed.fsdp.fully_shard` to each module of `model.<blocks>` and to `model`.
+
+    Needs an initialised process group (see `init_distributed`); the parameters must be materialised
+    (not meta) on this rank's device. reshard_after_forward=False keeps gathered weights between steps
+    (faster, more memory). Returns the model, whose modules are now FSDP modules in place.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        raise RuntimeError("shard_blocks needs torch.distributed; launch with torchrun (tools/launch.py)")
+    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("fsdp",))
+    stack = getattr(model, blocks, None)
+    if not isinstance(stack, nn.ModuleList):
+        raise ValueError(f"shard_blocks: {type(model).__name__}.{blocks} is not a ModuleList of blocks")
+    for block in stack:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return model

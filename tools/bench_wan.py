@@ -1,0 +1,245 @@
+"""Real-size Wan transformer forward and VAE decode: dit_rt next to diffusers in the same run, same weights.
+
+    python tools/bench_wan.py --models 1.3b,14b --vae --out /tmp/wan.json
+
+Random bf16 weights (built on the GPU), one forward at the model's published resolution (1.3B: 480x832x81,
+14B: 720x1280x81), CUDA-event medians after warm-up, peak memory of each side measured from a clean
+allocator. The two sides run one after the other so a 14B pair fits one 80 GB card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+from dit_rt.demo import checkpoint_state
+
+WAN = dict(
+    patch_size=[1, 2, 2],
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    image_dim=None,
+    added_kv_proj_dim=None,
+    rope_max_seq_len=1024,
+    pos_embed_seq_len=None,
+    attention_head_dim=128,
+)
+MODELS = {
+    "1.3b": (dict(WAN, num_attention_heads=12, ffn_dim=8960, num_layers=30), (480, 832, 81)),
+    "14b": (dict(WAN, num_attention_heads=40, ffn_dim=13824, num_layers=40), (720, 1280, 81)),
+    "i2v-14b": (
+        dict(
+            WAN,
+            num_attention_heads=40,
+            ffn_dim=13824,
+            num_layers=40,
+            in_channels=36,
+            image_dim=1280,
+            added_kv_proj_dim=5120,
+        ),
+        (480, 832, 81),
+    ),
+}
+VAE = dict(
+    base_dim=96,
+    z_dim=16,
+    dim_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],
+    dropout=0.0,
+)
+
+
+def timed(fn, warmup: int, iters: int) -> tuple[float, torch.Tensor]:
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), out
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Weights with realistic scales: N(0, 1/fan_in) matrices, unit norms; never zeros."""
+    g = torch.Generator("cuda").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.fill_(1.0)
+            elif p.ndim == 1:
+                p.normal_(0, 0.02, generator=g)
+            else:
+                fan_in = p[0].numel() if p.ndim > 1 else p.numel()
+                p.normal_(0, fan_in**-0.5, generator=g)
+
+
+def fresh():
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def bench_transformer(name: str, attention: str, warmup: int, iters: int) -> dict:
+    from diffusers import WanTransformer3DModel
+
+    from dit_rt.models.wan import WanTransformer, WanTransformerConfig
+    from dit_rt.ops.attention import set_attention
+
+    config, (h, w, f) = MODELS[name]
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    lat = (1, config["in_channels"], (f - 1) // 4 + 1, h // 8, w // 8)
+    g = torch.Generator("cuda").manual_seed(1)
+    x = torch.randn(lat, generator=g, device=dev).to(dt)
+    t = torch.tensor([999], device=dev)
+    ctx = torch.randn(1, 512, 4096, generator=g, device=dev).to(dt)
+    img = torch.randn(1, 257, 1280, generator=g, device=dev).to(dt) if config["image_dim"] else None
+
+    fresh()
+    with torch.device(dev):
+        ours = WanTransformer(WanTransformerConfig.from_config(config)).to(dt)
+    randomize_(ours)
+    set_attention(ours, attention, device=dev, dtype=dt)
+    weights = torch.cuda.memory_allocated()
+    tokens = lat[2] * (lat[3] // 2) * (lat[4] // 2)
+    flops = ours.flops(lat[2], lat[3], lat[4], text_len=512, image_tokens=257 if img is not None else 0)
+    with torch.no_grad():
+        ms, out = timed(lambda: ours(x, t, ctx, img) if img is not None else ours(x, t, ctx), warmup, iters)
+    ours_peak = torch.cuda.max_memory_allocated()
+    out_ours = out.float().cpu()
+    state = {k: v.cpu() for k, v in checkpoint_state(ours).items()}
+    ours = out = None
+    fresh()
+
+    with torch.device("meta"):
+        ref = WanTransformer3DModel(**config)
+    ref.load_state_dict(state, assign=True, strict=True)
+    ref = ref.to(dev, dt).eval()
+    del state
+    with torch.no_grad():
+        kw = dict(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)
+        if img is not None:
+            kw["encoder_hidden_states_image"] = img
+        ref_ms, ref_out = timed(lambda: ref(**kw)[0], warmup, iters)
+    ref_peak = torch.cuda.max_memory_allocated()
+    err = rel(out_ours, ref_out.float().cpu())
+    ref = ref_out = None
+    fresh()
+    return dict(
+        model=name,
+        tokens=tokens,
+        attention=attention,
+        ms=ms,
+        diffusers_ms=ref_ms,
+        ratio=ms / ref_ms,
+        tflops=flops / ms / 1e9,
+        peak_gib=ours_peak / 2**30,
+        diffusers_peak_gib=ref_peak / 2**30,
+        weights_gib=weights / 2**30,
+        rel_err_vs_diffusers=err,
+    )
+
+
+def bench_vae(warmup: int, iters: int, dtype: torch.dtype) -> dict:
+    from diffusers import AutoencoderKLWan
+
+    from dit_rt.models.wan import WanVAE, WanVAEConfig
+
+    dev = torch.device("cuda")
+    z = torch.randn(1, 16, 21, 60, 104, generator=torch.Generator("cuda").manual_seed(2), device=dev).to(
+        dtype
+    )
+    fresh()
+    with torch.device(dev):
+        ours = WanVAE(WanVAEConfig.from_config(VAE)).to(dtype).eval()
+    randomize_(ours)
+    with torch.no_grad():
+        ms, out = timed(lambda: ours.decode(z), warmup, iters)
+    peak = torch.cuda.max_memory_allocated()
+    out_ours = out.float().cpu()
+    state = {k: v.cpu() for k, v in ours.state_dict().items()}
+    ours = out = None
+    fresh()
+    ref = AutoencoderKLWan(**VAE)
+    ref.load_state_dict(state, strict=True)
+    ref = ref.to(dev, dtype).eval()
+    with torch.no_grad():
+        ref_ms, ref_out = timed(lambda: ref.decode(z, return_dict=False)[0], warmup, iters)
+    ref_peak = torch.cuda.max_memory_allocated()
+    err = rel(out_ours, ref_out.float().cpu())
+    ref = ref_out = None
+    fresh()
+    return dict(
+        model=f"vae-decode-{str(dtype).split('.')[-1]}",
+        latent="16x21x60x104",
+        ms=ms,
+        diffusers_ms=ref_ms,
+        ratio=ms / ref_ms,
+        peak_gib=peak / 2**30,
+        diffusers_peak_gib=ref_peak / 2**30,
+        rel_err_vs_diffusers=err,
+    )
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", default="1.3b,14b")
+    p.add_argument("--attention", default="sdpa")
+    p.add_argument("--vae", action="store_true")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--out")
+    a = p.parse_args()
+    rows = []
+    for name in filter(None, a.models.split(",")):
+        t0 = time.time()
+        try:
+            rows.append(bench_transformer(name, a.attention, a.warmup, a.iters))
+        except Exception as e:  # one failing case must not hide the others
+            rows.append(dict(model=name, error=f"{type(e).__name__}: {e}"))
+        print(json.dumps(rows[-1]), f"({time.time() - t0:.0f}s)", flush=True)
+    if a.vae:
+        try:
+            rows.append(bench_vae(a.warmup, a.iters, torch.bfloat16))
+        except Exception as e:
+            rows.append(dict(model="vae", error=f"{type(e).__name__}: {e}"))
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__}")
+    print("| case | dit_rt ms | diffusers ms | ratio | TFLOP/s | peak GiB (dit_rt / diffusers) | rel. diff |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['model']} | error: {r['error'][:80]} |")
+            continue
+        tf = f"{r['tflops']:.0f}" if "tflops" in r else "-"
+        print(
+            f"| {r['model']} | {r['ms']:.0f} | {r['diffusers_ms']:.0f} | {r['ratio']:.2f} | {tf} | "
+            f"{r['peak_gib']:.1f} / {r['diffusers_peak_gib']:.1f} | {r['rel_err_vs_diffusers']:.1e} |"
+        )
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
