@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     import PIL.Image
 
 ImageInput = Any
-"""A PIL image, a path (str / os.PathLike), a numpy array (H, W, C) or a torch tensor (C, H, W) / (H, W, C)."""
+"""A PIL image, a path (str / os.PathLike), a numpy array (H, W, C), a torch tensor (C, H, W) / (H, W, C)."""
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -146,7 +146,7 @@ def _pil_to_uint8(img: PIL.Image.Image) -> torch.Tensor:
     return hwc.permute(2, 0, 1)
 
 
-def _uint8_to_pil(chw: torch.Tensor) -> PIL.Image.Image:
+def _float_to_pil(chw: torch.Tensor) -> PIL.Image.Image:
     """float [3, H, W] in [0, 1] -> RGB PIL image, rounding to the nearest level."""
     PIL = _pil()
     hwc = (chw * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
@@ -154,7 +154,7 @@ def _uint8_to_pil(chw: torch.Tensor) -> PIL.Image.Image:
 
 
 def load_image(image: ImageInput) -> torch.Tensor:
-    """Any supported image input -> float32 [3, H, W] RGB in [0, 1] (uint8 inputs give exact k / 255)."""
+    """Any supported image input -> float32 [3, H, W] RGB in [0, 1] on the CPU (uint8 inputs give k / 255)."""
     x = _canonical(image)
     return _pil_to_uint8(x).float() / 255 if not isinstance(x, torch.Tensor) else x
 
@@ -172,7 +172,7 @@ def _check_hw(height, width) -> None:
 
 
 def resize_for_video(image: ImageInput, height: int, width: int) -> torch.Tensor:
-    """The conditioning frame as diffusers' Wan I2V pipeline makes it: float32 [1, 3, height, width] in [-1, 1].
+    """Frame 0 as diffusers' Wan I2V pipeline makes it: float32 [1, 3, height, width] in [-1, 1].
 
     PIL images and files: PIL Lanczos resize to (width, height). Tensors and arrays: nearest-neighbour
     `F.interpolate`, as diffusers does for tensors. The aspect ratio is not kept (pick height/width with
@@ -185,7 +185,7 @@ def resize_for_video(image: ImageInput, height: int, width: int) -> torch.Tensor
         x = F.interpolate(x[None], size=(height, width))  # [1, 3, H, W], mode="nearest"
     else:
         PIL = _pil()
-        x = x.resize((width, height), resample=PIL.Image.Resampling.BICUBIC)
+        x = x.resize((width, height), resample=PIL.Image.Resampling.LANCZOS)
         x = _pil_to_uint8(x)[None].float() / 255
     return 2.0 * x - 1.0
 
@@ -205,12 +205,9 @@ def derive_size(
     rounding "wan" (the authors' generate scripts): floor(sqrt(max_area * h / w) / grid) * grid; the two
     differ only when the square root lies within half a pixel below a multiple of grid.
     """
-    if isinstance(image, tuple) and len(image) == 2 and all(isinstance(v, int) for v in image):
-        h, w = image
-    else:
-        h, w = image_size(image)
-    if max_area <= 0 or grid <= 0:
-        raise ValueError(f"max_area and grid must be positive, got {max_area} and {grid}")
+    h, w = (int(v) for v in image) if isinstance(image, tuple) else image_size(image)
+    if min(h, w, max_area, grid) <= 0:
+        raise ValueError(f"image size {h}x{w}, max_area {max_area} and grid {grid} must all be positive")
     aspect = h / w
     sides = math.sqrt(max_area * aspect), math.sqrt(max_area / aspect)
     if rounding == "diffusers":
@@ -288,13 +285,13 @@ def _size(v, name: str, allow_shortest: bool) -> int | tuple[int, int]:
 def _center_crop(x: torch.Tensor, ch: int, cw: int) -> torch.Tensor:
     """[C, H, W] -> [C, ch, cw]: offsets floor((H - ch) / 2); a smaller image is zero-padded, centred with
     the extra pixel before it (transformers' `center_crop`)."""
-    _, H, W = x.shape
-    if H < ch or W < cw:
-        top, left = math.ceil(max(ch - H, 0) / 2), math.ceil(max(cw - W, 0) / 2)
-        canvas = x.new_zeros(x.shape[0], max(H, ch), max(W, cw))
-        canvas[:, top : top + H, left : left + W] = x
-        x, H, W = canvas, canvas.shape[1], canvas.shape[2]
-    top, left = (H - ch + 1) // 2, (W - cw + 1) // 2
+    _, h, w = x.shape
+    if h < ch or w < cw:
+        top, left = math.ceil(max(ch - h, 0) / 2), math.ceil(max(cw - w, 0) / 2)
+        canvas = x.new_zeros(x.shape[0], max(h, ch), max(w, cw))
+        canvas[:, top : top + h, left : left + w] = x
+        x, h, w = canvas, canvas.shape[1], canvas.shape[2]
+    top, left = (h - ch) // 2, (w - cw) // 2
     return x[:, top : top + ch, left : left + cw]
 
 
@@ -315,7 +312,7 @@ def clip_preprocess(
     out = []
     for img in images:
         x = _canonical(img)
-        pil = _uint8_to_pil(x) if isinstance(x, torch.Tensor) else x
+        pil = _float_to_pil(x) if isinstance(x, torch.Tensor) else x
         if cfg.do_resize:
             if isinstance(cfg.size, int):
                 short, long = sorted((pil.height, pil.width))

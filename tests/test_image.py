@@ -96,7 +96,7 @@ def test_clip_config_defaults_are_the_wan_config():
 
 
 def test_pipeline_resizes_with_video_processor_preprocess():
-    """Pins what the reference pipeline does with `image`, so that the comparisons below are the right ones."""
+    """Pins what the reference pipeline does with `image`, so the comparisons below are the right ones."""
     from diffusers import WanImageToVideoPipeline
 
     src = inspect.getsource(WanImageToVideoPipeline)
@@ -164,7 +164,7 @@ def test_load_image_modes_and_orientation(tmp_path):
     )
     grey = load_image(random_image(20, 10, mode="L", seed=3))
     assert grey.shape == (3, 10, 20) and torch.equal(grey[0], grey[2])
-    # A file with EXIF orientation 6 (rotate 90 degrees clockwise) loads upright, as diffusers' load_image does.
+    # A file with EXIF orientation 6 (rotated 90 degrees) loads upright, as diffusers' load_image does.
     img = random_image(40, 30, seed=5)
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -212,6 +212,9 @@ def test_derive_size_cases():
     assert derive_size(torch.zeros(3, 720, 1280), a480) == (464, 832)
     with pytest.raises(ValueError, match="aspect ratio is too extreme"):
         derive_size((10, 20000), a480)
+    assert derive_size((np.int64(720), np.int64(1280)), a480) == (464, 832)
+    with pytest.raises(ValueError, match="positive"):
+        derive_size((0, 1280), a480)
     with pytest.raises(ValueError, match="rounding"):
         derive_size((10, 20), a480, rounding="nearest")
 
@@ -243,6 +246,9 @@ def test_bad_inputs_give_clear_errors(tmp_path):
 
 
 def test_import_does_not_load_pil():
-    probe = "import sys, dit_rt.models.image, dit_rt.models.text.clip; assert 'PIL' not in sys.modules; print('ok')"
+    probe = (
+        "import sys, dit_rt.models.image, dit_rt.models.text.clip; "
+        "assert 'PIL' not in sys.modules; print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -131,10 +131,13 @@ def bench_transformer(name: str, attention: str, warmup: int, iters: int) -> dic
     ours = out = None
     fresh()
 
-    with torch.device("meta"):
-        ref = WanTransformer3DModel(**config)
-    ref.load_state_dict(state, assign=True, strict=True)
-    ref = ref.to(dev, dt).eval()
+    torch.set_default_dtype(dt)  # build the reference straight in bf16 on the GPU, then copy our weights in
+    try:
+        with torch.device(dev):
+            ref = WanTransformer3DModel(**config).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    ref.load_state_dict(state, strict=True)
     del state
     with torch.no_grad():
         kw = dict(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)

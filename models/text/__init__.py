@@ -1,9 +1,12 @@
 """Text encoders shared by the model families: T5/UMT5 (Wan, FLUX, Cosmos) and their tokenizer."""
 
+from dit_rt.models.text.clip import CLIPVisionConfig, CLIPVisionEncoder
 from dit_rt.models.text.tokenizer import T5Tokenizer, prompt_clean, wan_text_embeddings
 from dit_rt.models.text.umt5 import PRESETS, T5Config, T5Encoder, UMT5Config, UMT5Encoder
 
 __all__ = [
+    "CLIPVisionConfig",
+    "CLIPVisionEncoder",
     "PRESETS",
     "T5Config",
     "T5Encoder",
