@@ -10,7 +10,10 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 # Pipeline classes by the `_class_name` of model_index.json; anything else is reported as unsupported.
-_PIPELINES = {"WanPipeline": ("dit_rt.pipelines.wan", "WanPipeline")}
+_PIPELINES = {
+    "WanPipeline": ("dit_rt.pipelines.wan", "WanPipeline"),
+    "WanImageToVideoPipeline": ("dit_rt.pipelines.wan", "WanPipeline"),
+}
 
 
 def list_models():

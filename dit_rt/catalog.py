@@ -51,7 +51,7 @@ class Entry:
 
 def _wan(alias, repo, task, h, w, steps, g, shift, g2=None):
     d = Defaults(h, w, 81, 16, steps, g, g2, shift, WAN_NEGATIVE)
-    return Entry(alias, repo, "wan", task, d, implemented=task == "t2v")
+    return Entry(alias, repo, "wan", task, d, implemented=True)
 
 
 CATALOG: dict[str, Entry] = {

@@ -120,3 +120,44 @@ def make_wan_t2v(path: str | Path, *, two_experts: bool = False, boundary_ratio:
     )
     pipe.save_pretrained(str(path), safe_serialization=True)
     return pipe
+
+
+CLIP_VISION = dict(
+    hidden_size=24,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    image_size=28,
+    patch_size=7,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=16,
+)
+
+
+def make_wan_i2v(path: str | Path, *, wan22: bool = False):
+    """Write a tiny Wan image-to-video pipeline: Wan2.1 I2V (CLIP image tokens) or Wan2.2 I2V A14B layout
+    (two experts, no image encoder), both with the 36-channel transformer input."""
+    from diffusers import WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    dim = WAN_TRANSFORMER["num_attention_heads"] * WAN_TRANSFORMER["attention_head_dim"]
+    clip = dict(image_dim=CLIP_VISION["hidden_size"], added_kv_proj_dim=dim)
+    kw = dict(in_channels=36) | ({} if wan22 else clip)
+    encoder = processor = None
+    if not wan22:
+        encoder = _randomize(CLIPVisionModel(CLIPVisionConfig(**CLIP_VISION)).eval(), 5)
+        processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    pipe = WanImageToVideoPipeline(
+        tokenizer=make_tokenizer(),
+        text_encoder=make_umt5(),
+        vae=make_wan_vae(),
+        scheduler=make_unipc(),
+        transformer=make_wan_transformer(seed=6, **kw),
+        transformer_2=make_wan_transformer(seed=7, **kw) if wan22 else None,
+        image_encoder=encoder,
+        image_processor=processor,
+        boundary_ratio=0.9 if wan22 else None,
+    )
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    return pipe

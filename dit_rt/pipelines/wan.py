@@ -1,8 +1,10 @@
-"""Wan 2.1 / 2.2 text-to-video: UMT5 prompt embeddings, the UniPC flow loop with classifier-free guidance
-(two experts split at `boundary_ratio` for Wan 2.2 A14B), and the Wan VAE decode.
+"""Wan 2.1 / 2.2 text-to-video and image-to-video: UMT5 prompt embeddings, the UniPC flow loop with
+classifier-free guidance (two experts split at `boundary_ratio` for Wan 2.2 A14B), and the Wan VAE decode.
+Image-to-video adds the VAE-encoded first frame + mask channels (36-channel input) and, for Wan 2.1 I2V,
+the CLIP ViT-H/14 image tokens.
 
-Step for step the same computation as diffusers' `WanPipeline`, so both give the same frames from the same
-`latents`.
+Step for step the same computation as diffusers' `WanPipeline` / `WanImageToVideoPipeline`, so both give the
+same frames from the same `latents`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class WanPipeline:
         from dit_rt.schedulers import UniPCFlowScheduler
 
         self.folder, self.options, self.entry = folder, options, entry
+        self.i2v = index.get("_class_name") == "WanImageToVideoPipeline"
         device, dtype = options.device, options.dtype
         self.device, self.dtype = device, dtype
 
@@ -59,6 +62,17 @@ class WanPipeline:
         ]
         for model in self.transformers:
             options.install(model)
+        self.image_encoder = self.clip_config = None
+        if self.i2v and self.transformers[0].cfg.image_dim is not None:  # Wan 2.1 I2V: CLIP image tokens
+            from dit_rt.models.image import CLIPImageConfig
+            from dit_rt.models.text import CLIPVisionConfig, CLIPVisionEncoder
+
+            if not (index.get("image_encoder") or [None])[0]:
+                raise ValueError(
+                    f"{folder}: the transformer takes CLIP image tokens but there is no image_encoder"
+                )
+            self.image_encoder = build(CLIPVisionEncoder, CLIPVisionConfig, "image_encoder", dtype)
+            self.clip_config = CLIPImageConfig.from_config(loaders.read_config(folder / "image_processor"))
         ratio = index.get("boundary_ratio")
         if len(self.transformers) == 2 and ratio is None:
             raise ValueError(f"{folder}: model_index.json lists transformer_2 but no boundary_ratio")
@@ -131,8 +145,12 @@ class WanPipeline:
         output_type: str = "frames",
     ) -> GenerationOutput:
         d = self.defaults
-        if image is not None:
+        if image is not None and not self.i2v:
             raise ValueError("this Wan checkpoint is text-to-video: `image=` needs an image-to-video model")
+        if image is None and self.i2v:
+            raise ValueError(
+                "this Wan checkpoint is image-to-video: pass image= (a PIL image, path, array or tensor)"
+            )
         if prompt is None:
             raise ValueError("generate() needs a prompt")
         prompts = as_prompt_list(prompt)
@@ -142,6 +160,14 @@ class WanPipeline:
             negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        if self.i2v:
+            from dit_rt.models.image import derive_size, load_image
+
+            # Validate early; the original object goes on to the resizers, whose filters depend on its type
+            # (PIL: Lanczos, tensors: nearest) exactly as in the reference.
+            pixels = load_image(image)
+            if height is None and width is None:  # the image's aspect ratio at the model's pixel budget
+                height, width = derive_size(pixels, d.height * d.width, VAE_SCALE_SPATIAL * PATCH)
         height = d.height if height is None else height
         width = d.width if width is None else width
         num_frames = d.num_frames if num_frames is None else num_frames
@@ -166,6 +192,9 @@ class WanPipeline:
         if latents is None:
             latents = torch.randn(shape, generator=make_generator(seed, self.device), device=self.device)
         latents = latents.to(self.device, torch.float32)
+        condition = image_tokens = None
+        if self.i2v:
+            condition, image_tokens = self.encode_image(image, len(prompts), height, width, num_frames)
 
         shift = flow_shift if flow_shift is not None else d.flow_shift
         scheduler = self.scheduler
@@ -177,11 +206,12 @@ class WanPipeline:
 
         for i, t in enumerate(progress(scheduler.timesteps, progress_bar)):
             expert, scale = self._expert(t, g1, g2)
-            x = latents.to(self.dtype)
+            x = latents if condition is None else torch.cat([latents, condition], dim=1)
+            x = x.to(self.dtype)
             timestep = t.expand(x.shape[0])
-            noise = expert(x, timestep, cond)
+            noise = expert(x, timestep, cond, image_tokens)
             if do_cfg:
-                noise = guide(expert(x, timestep, uncond), noise, scale)
+                noise = guide(expert(x, timestep, uncond, image_tokens), noise, scale)
             latents = scheduler.step(noise, t, latents)
             if callback is not None:
                 callback(i, t, latents)
@@ -190,6 +220,32 @@ class WanPipeline:
         if output_type == "latents":
             return GenerationOutput(frames=torch.empty(0), latents=latents, fps=fps)
         return GenerationOutput(frames=self.decode(latents), latents=latents, fps=fps)
+
+    @torch.no_grad()
+    def encode_image(self, image: torch.Tensor, batch: int, height: int, width: int, num_frames: int):
+        """The first frame as conditioning: (mask + normalised VAE latents [B, 4 + Z, T, h, w] fp32,
+        CLIP penultimate tokens [B, 257, 1280] or None for Wan 2.2)."""
+        from dit_rt.models.image import clip_preprocess, resize_for_video
+
+        frame = resize_for_video(image, height, width).to(self.device)  # [1, 3, H, W] in [-1, 1]
+        video = torch.cat([frame.unsqueeze(2), frame.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
+        z = self.vae.encode(video.to(self.vae_dtype)).mean.float()  # the posterior mode, as the reference
+        z = self.vae.normalize_latents(z).repeat(batch, 1, 1, 1, 1)
+        _, _, t, h, w = z.shape
+        # Pixel-frame mask (1 on frame 0), frame 0 repeated 4x, folded into 4 channels per latent frame.
+        mask = torch.zeros(batch, 4 * t, h, w, device=z.device)
+        mask[:, :VAE_SCALE_TEMPORAL] = 1
+        mask = mask.view(batch, t, VAE_SCALE_TEMPORAL, h, w).transpose(1, 2)
+        condition = torch.cat([mask, z], dim=1)
+        tokens = None
+        if self.image_encoder is not None:
+            pixels = clip_preprocess(image, self.clip_config).to(self.device, self.image_encoder_dtype)
+            tokens = self.image_encoder(pixels).repeat(batch, 1, 1).to(self.dtype)
+        return condition, tokens
+
+    @property
+    def image_encoder_dtype(self) -> torch.dtype:
+        return next(self.image_encoder.parameters()).dtype
 
     def _expert(self, t: torch.Tensor, g1: float, g2: float):
         if self.boundary_timestep is None or t >= self.boundary_timestep:
