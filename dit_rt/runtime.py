@@ -35,6 +35,7 @@ class RuntimeOptions:
     attention: str = "auto"
     linear: str = "default"
     vae_dtype: torch.dtype | None = None
+    park_experts: bool | None = None
     parallel: dict | None = None
     cache: dict | None = None
     offload: str | None = None
@@ -49,6 +50,7 @@ class RuntimeOptions:
         attention="auto",
         linear="default",
         vae_dtype=None,
+        park_experts=None,
         parallel=None,
         cache=None,
         offload=None,
@@ -81,7 +83,13 @@ class RuntimeOptions:
             raise ValueError(f"compile must be True or False, got {compile!r}")
         if compile:
             raise NotImplementedError("compile=True is not available in this version of dit_rt yet")
-        return cls(device, dtype, attention, linear, vae_dtype, parallel, cache, offload, compile)
+        if park_experts not in (None, True, False):
+            raise ValueError(
+                f"park_experts must be None (decide by free memory), True or False, got {park_experts!r}"
+            )
+        return cls(
+            device, dtype, attention, linear, vae_dtype, park_experts, parallel, cache, offload, compile
+        )
 
     @property
     def linear_format(self) -> str | None:

@@ -102,3 +102,40 @@ def test_both_experts_are_used(wan22):
     )
     # boundary 0.6 -> timestep 600: the high-noise expert runs first, the low-noise one after.
     assert calls[0] == 0 and calls[-1] == 1 and calls == sorted(calls)
+
+
+def test_parked_expert_swaps_once_each_way(wan22, monkeypatch):
+    path, _ = wan22
+    pipe = dit_rt.load(str(path), device="cpu", dtype=torch.float32, park_experts=True)
+    assert pipe.park_experts
+    base = pipe.generate(
+        "a cat",
+        height=32,
+        width=32,
+        num_frames=1,
+        num_inference_steps=4,
+        seed=0,
+        progress_bar=False,
+        output_type="latents",
+    ).latents
+    moves = []
+    for i, model in enumerate(pipe.transformers):  # record moves instead of making them
+        monkeypatch.setattr(model, "to", lambda dev, i=i, m=model: moves.append((i, str(dev))) or m)
+    monkeypatch.setattr(pipe, "device", torch.device("cuda"))  # pretend the experts live elsewhere
+    for t in (999, 800, 601, 599, 300, 10):  # boundary 600
+        expert, _ = pipe._expert(torch.tensor(t), 4.0, 3.0)
+        assert expert is pipe.transformers[0 if t >= 600 else 1]
+    assert moves[:2] == [(1, "cpu"), (0, "cuda")] and (0, "cpu") in moves and (1, "cuda") in moves
+    monkeypatch.undo()
+    again = dit_rt.load(str(path), device="cpu", dtype=torch.float32, park_experts=False)
+    same = again.generate(
+        "a cat",
+        height=32,
+        width=32,
+        num_frames=1,
+        num_inference_steps=4,
+        seed=0,
+        progress_bar=False,
+        output_type="latents",
+    ).latents
+    assert torch.equal(base, same)

@@ -23,6 +23,16 @@ log = logging.getLogger("dit_rt")
 VAE_SCALE_SPATIAL, VAE_SCALE_TEMPORAL, PATCH = 8, 4, 2
 
 
+def _fits_beside(model: torch.nn.Module, device: torch.device, headroom: float = 0.35) -> bool:
+    """Whether a second copy of `model` fits in the device's free memory, keeping `headroom` of the card
+    free for activations (a 14B forward at 720p needs about a third of an 80 GB card)."""
+    if device.type != "cuda":
+        return True
+    free, total = torch.cuda.mem_get_info(device)
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return size + headroom * total <= free
+
+
 class WanPipeline:
     """Text-to-video for every Wan 2.1 / 2.2 A14B checkpoint in the Hub Diffusers layout."""
 
@@ -37,14 +47,14 @@ class WanPipeline:
         device, dtype = options.device, options.dtype
         self.device, self.dtype = device, dtype
 
-        def build(cls, config_cls, component: str, dtype, linear_format=None):
+        def build(cls, config_cls, component: str, dtype, linear_format=None, *, to=device):
             config = config_cls.from_config(loaders.read_config(folder / component))
             with torch.device("meta"):
                 model = cls(config)
             loaders.load_weights(
                 model,
                 folder / component,
-                device=device,
+                device=to,
                 dtype=dtype,
                 linear_format=linear_format,
                 component=component,
@@ -57,9 +67,23 @@ class WanPipeline:
         self.vae = build(WanVAE, WanVAEConfig, "vae", self.vae_dtype)
         experts = ["transformer"] + (["transformer_2"] if index.get("transformer_2", [None])[0] else [])
         self.transformers = [
-            build(WanTransformer, WanTransformerConfig, name, dtype, options.linear_format)
-            for name in experts
+            build(WanTransformer, WanTransformerConfig, experts[0], dtype, options.linear_format)
         ]
+        self.park_experts = False
+        if len(experts) == 2:
+            # Wan 2.2 A14B: when the GPU cannot hold both experts with room to run, the low-noise expert waits
+            # in host memory and the two swap at the boundary (one swap each way per generation).
+            self.park_experts = options.park_experts
+            if self.park_experts is None:
+                self.park_experts = not _fits_beside(self.transformers[0], device)
+            to = torch.device("cpu") if self.park_experts else device
+            self.transformers.append(
+                build(WanTransformer, WanTransformerConfig, experts[1], dtype, options.linear_format, to=to)
+            )
+            if self.park_experts:
+                log.info(
+                    "dit_rt: two experts do not fit on %s together; the inactive one waits on the CPU", device
+                )
         for model in self.transformers:
             options.install(model)
         self.image_encoder = self.clip_config = None
@@ -248,9 +272,20 @@ class WanPipeline:
         return next(self.image_encoder.parameters()).dtype
 
     def _expert(self, t: torch.Tensor, g1: float, g2: float):
-        if self.boundary_timestep is None or t >= self.boundary_timestep:
-            return self.transformers[0], g1
-        return self.transformers[1], g2
+        i, scale = (0, g1) if self.boundary_timestep is None or t >= self.boundary_timestep else (1, g2)
+        if self.park_experts:
+            self._make_resident(i)
+        return self.transformers[i], scale
+
+    def _make_resident(self, i: int) -> None:
+        """Move expert i to the compute device and the other one to host memory, if not already there."""
+        active, parked = self.transformers[i], self.transformers[1 - i]
+        if next(active.parameters()).device == self.device:
+            return
+        parked.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        active.to(self.device)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
