@@ -63,3 +63,34 @@ def test_i2v_size_from_image_aspect(i2v):
     out = pipe.generate("a cat", image=_image(30, 120), num_inference_steps=1, seed=0, progress_bar=False)
     _, _, h, w, _ = out.frames.shape
     assert w > h and h % 16 == 0 and w % 16 == 0 and h * w <= 64 * 64
+
+
+def test_clip_branch_is_decided_by_the_weights(tmp_path):
+    """A Wan 2.1 I2V folder whose config.json says `image_dim: null` (as some Hub revisions do) still loads
+    with its CLIP branch, because the checkpoint holds `attn2.add_k_proj`."""
+    import json
+    import shutil
+
+    src = tmp_path / "src"
+    make_wan_i2v(src)
+    edited = tmp_path / "edited"
+    shutil.copytree(src, edited)
+    cfg_path = edited / "transformer" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["image_dim"] = cfg["added_kv_proj_dim"] = None
+    cfg_path.write_text(json.dumps(cfg))
+    kw = dict(
+        height=32,
+        width=32,
+        num_frames=5,
+        num_inference_steps=2,
+        seed=0,
+        progress_bar=False,
+        output_type="latents",
+        image=_image(32, 32),
+    )
+    a = dit_rt.load(str(src), device="cpu", dtype=torch.float32)
+    b = dit_rt.load(str(edited), device="cpu", dtype=torch.float32)
+    assert b.transformers[0].cfg.image_dim == a.transformers[0].cfg.image_dim is not None
+    assert b.image_encoder is not None
+    assert torch.equal(a.generate("a cat", **kw).latents, b.generate("a cat", **kw).latents)

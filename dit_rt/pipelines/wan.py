@@ -23,6 +23,27 @@ log = logging.getLogger("dit_rt")
 VAE_SCALE_SPATIAL, VAE_SCALE_TEMPORAL, PATCH = 8, 4, 2
 
 
+def _clip_branch_from_keys(config, component_dir: Path):
+    """The weights decide whether a Wan transformer has the CLIP image branch (Wan 2.1 I2V) or not (Wan 2.2
+    I2V): Hub configs of the same model have been published both ways (spec A.1)."""
+    from dataclasses import replace
+
+    from dit_rt.loaders import find_weight_files, scan
+
+    keys = scan(*find_weight_files(component_dir))
+    has_clip = any(".attn2.add_k_proj." in k for k in keys)
+    if has_clip and config.image_dim is None:
+        image_dim = keys["condition_embedder.image_embedder.norm1.weight"].shape[0]
+        return replace(
+            config,
+            image_dim=image_dim,
+            added_kv_proj_dim=config.num_attention_heads * config.attention_head_dim,
+        )
+    if not has_clip and config.image_dim is not None:
+        return replace(config, image_dim=None, added_kv_proj_dim=None)
+    return config
+
+
 def _fits_beside(model: torch.nn.Module, device: torch.device, headroom: float = 0.35) -> bool:
     """Whether a second copy of `model` fits in the device's free memory, keeping `headroom` of the card
     free for activations (a 14B forward at 720p needs about a third of an 80 GB card)."""
@@ -49,6 +70,8 @@ class WanPipeline:
 
         def build(cls, config_cls, component: str, dtype, linear_format=None, *, to=device):
             config = config_cls.from_config(loaders.read_config(folder / component))
+            if cls is WanTransformer:
+                config = _clip_branch_from_keys(config, folder / component)
             with torch.device("meta"):
                 model = cls(config)
             loaders.load_weights(
