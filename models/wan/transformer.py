@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dit_rt.ops import Attention, Linear, fused
+from dit_rt.ops.elementwise import gated_residual, layer_norm_modulate, rms_norm_rope
+from dit_rt.parallel.sequence import SequencePlan
 from dit_rt.runner import BlockRunner
 
 
@@ -142,13 +144,6 @@ def rope_freqs(
     return RotaryFreqs(a.cos().float(), a.sin().float())
 
 
-def apply_rope(x: torch.Tensor, freqs: RotaryFreqs) -> torch.Tensor:
-    """Rotate interleaved channel pairs (x[2j], x[2j+1]) of x [B, L, H, Dh] in fp32; returns x's dtype."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [B, L, H, Dh/2] each (strided views)
-    cos, sin = freqs
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
-
-
 def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
     """t [B] (int or float) -> [B, dim] fp32, cos half first, frequencies 10000^(-k/(dim/2))."""
     half = dim // 2
@@ -175,6 +170,8 @@ class GeluProj(nn.Module):
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.approximate == "tanh" and isinstance(self.proj, Linear):
+            return self.proj.gelu_tanh(x)  # GELU fused into the GEMM where the format allows it
         return F.gelu(self.proj(x), approximate=self.approximate)
 
 
@@ -290,9 +287,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: RotaryFreqs) -> torch.Tensor:
         q, k, v = self.to_qkv(x).chunk(3, dim=-1)  # [B, L, D] views of one [B, L, 3D] GEMM output
-        q = apply_rope(_heads(self.norm_q(q), self.heads), rope)  # [B, L, H, Dh]
-        k = apply_rope(_heads(self.norm_k(k), self.heads), rope)
-        o = self.attn(q, k, _heads(v, self.heads))  # [B, L, H, Dh]
+        nq, nk, h = self.norm_q, self.norm_k, self.heads
+        q = rms_norm_rope(q, nq.weight, nq.eps, h, rope.cos, rope.sin)  # [B, L, H, Dh], one fused pass
+        k = rms_norm_rope(k, nk.weight, nk.eps, h, rope.cos, rope.sin)
+        o = self.attn(q, k, _heads(v, h))  # [B, L, H, Dh]
         return self.to_out[0](o.flatten(2))
 
 
@@ -318,7 +316,7 @@ class CrossAttention(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None
     ) -> torch.Tensor:
         h = self.heads
-        q = _heads(self.norm_q(self.to_q(x)), h)  # [B, L, H, Dh]
+        q = rms_norm_rope(self.to_q(x), self.norm_q.weight, self.norm_q.eps, h)  # [B, L, H, Dh]
         k, v = self.to_kv(context).chunk(2, dim=-1)  # [B, Lt, D] each
         o = self.attn(q, _heads(self.norm_k(k), h), _heads(v, h))  # [B, L, H, Dh]
         if self.add_kv is not None:
@@ -340,10 +338,6 @@ class WanBlock(nn.Module):
         self.ffn = FeedForward(D, cfg.ffn_dim, D, approximate="tanh")
         self.scale_shift_table = nn.Parameter(torch.empty(1, 6, D))
 
-    def _modulate(self, x: torch.Tensor, shift: torch.Tensor, scale1: torch.Tensor) -> torch.Tensor:
-        # fp32 LayerNorm(x) * (1 + scale) + shift, cast back to the model dtype for the next GEMM.
-        return torch.addcmul(shift, F.layer_norm(x.float(), x.shape[-1:], eps=self.eps), scale1).type_as(x)
-
     def forward(
         self,
         x: torch.Tensor,  # [B, L, D] model dtype
@@ -355,14 +349,16 @@ class WanBlock(nn.Module):
         # [B, 1, D] fp32 each, computed once per block.
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + tproj).chunk(6, dim=1)
 
-        y = self.attn1(self._modulate(x, shift, 1 + scale), rope)
-        x = torch.addcmul(x.float(), y, gate).type_as(x)  # fp32 gated residual
+        # fp32 LayerNorm(x) * (1 + scale) + shift, in the model dtype for the next GEMM (one fused pass).
+        y = self.attn1(layer_norm_modulate(x, shift, 1 + scale, self.eps), rope)
+        x = gated_residual(x, y, gate)  # x + y * gate in fp32
 
-        y = self.norm2(x).type_as(x) if self.norm2 is not None else x
+        n = self.norm2
+        y = layer_norm_modulate(x, None, None, n.eps, n.weight, n.bias) if n is not None else x
         x = x + self.attn2(y, context, context_img)  # no gate, model dtype (as the reference)
 
-        y = self.ffn(self._modulate(x, c_shift, 1 + c_scale))
-        return torch.addcmul(x.float(), y, c_gate).type_as(x)
+        y = self.ffn(layer_norm_modulate(x, c_shift, 1 + c_scale, self.eps))
+        return gated_residual(x, y, c_gate)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -376,6 +372,12 @@ class WanTransformer(nn.Module):
     # Older I2V conversions carry an unused `norm_added_q`; diffusers drops it on load, so do we.
     ckpt_key_map: ClassVar[tuple[tuple[str, str | None], ...]] = (
         (r"^blocks\.\d+\.attn2\.norm_added_q\.\w+$", None),
+    )
+    # Sequence parallelism (applied from dit_rt.parallel): the runner call `runner(blocks, x, context,
+    # context_img, tproj, rope)` runs on token shards of x [B, L, D] (dim 1) and of the RoPE tables
+    # [L, 1, Dh/2] (dim 0); text / image context and tproj stay replicated; only attn1 attends over tokens.
+    sequence_plan: ClassVar[SequencePlan] = SequencePlan(
+        self_attention=("blocks.*.attn1.attn",), shard_args={1: 1, 5: 0}
     )
 
     def __init__(self, cfg: WanTransformerConfig):
@@ -451,9 +453,7 @@ class WanTransformer(nn.Module):
         x = self.runner(self.blocks, x, context, context_img, tproj, rope)  # [B, L, D]
 
         shift, scale = (self.scale_shift_table + temb[:, None]).chunk(2, dim=1)  # [B, 1, D] fp32 (uses temb)
-        x = torch.addcmul(shift, F.layer_norm(x.float(), x.shape[-1:], eps=self.cfg.eps), 1 + scale).type_as(
-            x
-        )
+        x = layer_norm_modulate(x, shift, 1 + scale, self.cfg.eps)
         x = self.proj_out(x)  # [B, L, pt*ph*pw*Cout], features ordered (pt, ph, pw, c)
         x = x.reshape(B, t, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(B, -1, T, H, W)

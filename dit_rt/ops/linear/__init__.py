@@ -146,6 +146,16 @@ class Linear(nn.Module):
         y = self._format.forward(self, x.reshape(-1, self.in_features))  # [M, out]
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def gelu_tanh(self, x: torch.Tensor) -> torch.Tensor:
+        """GELU (tanh approximation) of this projection. In the default format on CUDA the bias and GELU run
+        in the GEMM epilogue (cuBLASLt), saving a full read and write of the (large) FFN hidden activation."""
+        if self._format is None and x.is_cuda and self.bias is not None and x.dtype == self.weight.dtype:
+            y = torch._addmm_activation(
+                self.bias, x.reshape(-1, self.in_features), self.weight.t(), use_gelu=True
+            )
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.gelu(self(x), approximate="tanh")
+
 
 def fused(in_features: int, out_features: int, sources, bias=True, **kw) -> Linear:
     """A projection fusing len(sources) equally sized checkpoint projections into one GEMM."""

@@ -1,0 +1,97 @@
+"""Fused block ops: the torch path against explicit float64 math, and the Triton kernels (run by Triton's
+CPU interpreter in a subprocess) against the torch path."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dit_rt.ops import elementwise as E
+
+TOL = dict(rtol=1e-5, atol=1e-5)  # float32 results against float64 math
+
+
+def _data(dtype=torch.float32, B=2, L=6, D=48):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, L, D, generator=g).to(dtype)
+    return x, torch.randn(B, 1, D, generator=g), 1 + torch.randn(B, 1, D, generator=g)
+
+
+def test_layer_norm_modulate_math():
+    x, shift, scale1 = _data()
+    x64 = x.double()
+    ln = (x64 - x64.mean(-1, keepdim=True)) / (x64.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(
+        E.layer_norm_modulate(x, shift, scale1, 1e-6).double(), ln * scale1 + shift, **TOL
+    )
+    w, b = torch.randn(48), torch.randn(48)
+    torch.testing.assert_close(E.layer_norm_modulate(x, None, None, 1e-6, w, b).double(), ln * w + b, **TOL)
+    assert E.layer_norm_modulate(x.bfloat16(), shift, scale1, 1e-6).dtype == torch.bfloat16
+
+
+def test_gated_residual_math():
+    x, y, gate = _data()
+    torch.testing.assert_close(E.gated_residual(x, y.expand(2, 6, 48).contiguous(), gate), x + y * gate)
+
+
+def test_rms_norm_rope_math():
+    qkv, _, _ = _data(D=3 * 48)
+    q = qkv[..., :48]  # a strided view, as the fused projection produces it
+    w = torch.randn(48)
+    angles = torch.randn(6, 1, 6, dtype=torch.float64)  # L=6 tokens, 4 heads of 12 channels -> 6 pairs
+    out = E.rms_norm_rope(q, w, 1e-6, 4, angles.cos().float(), angles.sin().float())
+    q64 = q.double()
+    n = (q64 * (q64.pow(2).mean(-1, keepdim=True) + 1e-6).rsqrt() * w.double()).unflatten(-1, (4, 6, 2))
+    a, b = n[..., 0], n[..., 1]
+    ref = torch.stack((a * angles.cos() - b * angles.sin(), a * angles.sin() + b * angles.cos()), -1).flatten(
+        -2
+    )
+    assert out.shape == (2, 6, 4, 12)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+KERNELS = """
+import torch
+from dit_rt.ops import elementwise as E
+
+TOL = dict(rtol=1e-5, atol=1e-5)  # float32 results against float64 math
+torch.manual_seed(0)
+worst = {}
+for dt in (torch.float32, torch.bfloat16):
+    B, L, D, H = 2, 6, 48, 4
+    tol = 1e-5 if dt == torch.float32 else 2.0 ** -7  # fp32: reduction order; bf16: one rounding step
+    x = torch.randn(B, L, D).to(dt)
+    shift, scale1 = torch.randn(B, 1, D), 1 + torch.randn(B, 1, D)
+    w, b = torch.randn(D), torch.randn(D)
+    y, g = torch.randn(B, L, D).to(dt), torch.randn(B, 1, D)
+    qkv = torch.randn(B, L, 3 * D).to(dt)
+    q, wq = qkv[..., D : 2 * D], torch.randn(D).to(dt)
+    cos, sin = torch.randn(L, 1, D // H // 2), torch.randn(L, 1, D // H // 2)
+    c, s = cos.reshape(L, -1).contiguous(), sin.reshape(L, -1).contiguous()
+    pairs = {
+        "ln_modulate": (E.layer_norm_modulate(x, shift, scale1, 1e-6),
+                        E._ln_modulate_cuda(x, shift, scale1, 1e-6)),
+        "ln_affine": (E.layer_norm_modulate(x, None, None, 1e-6, w, b),
+                      E._ln_modulate_cuda(x, b.view(1, 1, D), w.view(1, 1, D), 1e-6)),
+        "gated_residual": (E.gated_residual(x, y, g), E._gated_residual_cuda(x, y, g)),
+        "rms_rope": (E.rms_norm_rope(q, wq, 1e-6, H, cos, sin),
+                     E._rms_norm_rope_cuda(q, wq, 1e-6, c, s).unflatten(-1, (H, -1))),
+        "rms": (E.rms_norm_rope(q, wq, 1e-6, H),
+                E._rms_norm_rope_cuda(q, wq, 1e-6, None, None).unflatten(-1, (H, -1))),
+    }
+    for name, (ref, got) in pairs.items():
+        assert got.dtype == dt and got.shape == ref.shape, name
+        err = ((ref.float() - got.float()).abs().max() / ref.float().abs().max()).item()
+        assert err <= tol, (name, dt, err)
+print("ok")
+"""
+
+
+def test_triton_kernels_match_torch_path():
+    pytest.importorskip("triton", reason="the Triton kernels need the triton package (test extra)")
+    env = dict(__import__("os").environ, TRITON_INTERPRET="1")
+    out = subprocess.run(
+        [sys.executable, "-c", KERNELS], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
