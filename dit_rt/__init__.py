@@ -42,6 +42,13 @@ def load(model: str, *, revision: str | None = None, **options):
             f"{entry.alias} ({entry.repo}, family {entry.family!r}, task {entry.task!r}) is in the catalog "
             "but not supported by this version of dit_rt yet; `dit-rt models` lists what runs"
         )
+    if opts.cache and opts.cache["kind"] == "teacache" and opts.cache.get("coefficients") is None:
+        from dit_rt.cache import teacache_coefficients
+
+        # No published coefficients for this model: say so before anything is downloaded or loaded.
+        teacache_coefficients(
+            opts.cache.get("model", entry.alias if entry else None), opts.cache.get("ret_steps", True)
+        )
     folder = loaders.resolve(entry.repo if entry else model, revision=revision or (entry and entry.revision))
     index = loaders.read_model_index(folder)
     name = index.get("_class_name")

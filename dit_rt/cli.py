@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import struct
 import sys
 from pathlib import Path
+
+
+def _launched() -> bool:
+    """Whether a launcher (torchrun) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
@@ -30,6 +40,10 @@ def _runtime_options(a: argparse.Namespace) -> dict:
     parallel = {k: getattr(a, k) for k in ("dp", "cfg", "ulysses", "ring") if getattr(a, k) != 1}
     if a.fsdp:
         parallel["fsdp"] = True
+    if not _launched():
+        parallel = parallel or None
+    # else: under torchrun the degrees (all 1 when no flag is given) must multiply to the world size:
+    # N independent copies all writing the same file is never what was meant.
     cache = None
     if a.cache:
         cache = {"kind": a.cache} | (
@@ -40,7 +54,7 @@ def _runtime_options(a: argparse.Namespace) -> dict:
     opts = dict(
         attention=a.attention,
         linear=a.linear,
-        parallel=parallel or None,
+        parallel=parallel,
         cache=cache,
         offload=a.offload,
         compile=a.compile,
@@ -76,9 +90,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
     )
     if a.image is not None:
         kwargs["image"] = a.image
-    out = pipe.generate(a.prompt, **kwargs)
-    written = out.save(a.output, fps=a.fps)
-    print("wrote " + ", ".join(str(p) for p in written))
+    out = pipe.generate(a.prompt, progress_bar=_rank() == 0, **kwargs)
+    if _rank() == 0:  # every rank holds the same frames; one writes them
+        written = out.save(a.output, fps=a.fps)
+        print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 
@@ -187,8 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, TypeError, NotImplementedError, ImportError, FileNotFoundError) as e:
-        print(f"dit-rt: error: {e}", file=sys.stderr)
+        if _rank() == 0:  # the same error on every rank of a torchrun launch: report it once
+            print(f"dit-rt: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        dist = sys.modules.get("torch.distributed")  # loaded only if a command used it
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from dit_rt.parallel.mesh import ParallelConfig, ParallelMesh
 
 DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -36,10 +38,14 @@ class RuntimeOptions:
     linear: str = "default"
     vae_dtype: torch.dtype | None = None
     park_experts: bool | None = None
-    parallel: dict | None = None
+    parallel: ParallelConfig | None = None
     cache: dict | None = None
     offload: str | None = None
     compile: bool = False
+    # Built from `parallel`: the device mesh, and what `install` applied to each model (kept for remove()).
+    mesh: ParallelMesh = field(default_factory=lambda: ParallelMesh(ParallelConfig()))
+    installed: list = field(default_factory=list)
+    fsdp_mesh: object | None = None  # the 1-D world DeviceMesh FSDP shards over, shared by all models
 
     @classmethod
     def create(
@@ -56,15 +62,26 @@ class RuntimeOptions:
         offload=None,
         compile=False,
     ) -> RuntimeOptions:
-        """Check every option before anything heavy happens; errors name the valid choices."""
+        """Check every option before anything heavy happens; errors name the valid choices.
+
+        parallel: None (one process), or dict(dp=, cfg=, ulysses=, ring=, fsdp=) under torchrun, whose
+        degrees must multiply to the world size. The process group is initialised here when the launcher
+        has not (NCCL on CUDA, gloo on CPU); on CUDA each process then runs on cuda:LOCAL_RANK.
+        """
         from dit_rt.ops.attention import attention_names
         from dit_rt.ops.linear import LINEAR_FORMATS
+        from dit_rt.parallel.mesh import init_distributed
 
         device = torch.device(
             device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         )
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' was asked for but no CUDA device is visible; pass device='cpu'")
+        if parallel is not None and not isinstance(parallel, (dict, ParallelConfig)):
+            raise ValueError(
+                "parallel must be a dict such as dict(cfg=2, ulysses=2) or None, got "
+                f"{type(parallel).__name__}"
+            )
         dtype = _dtype(dtype, "dtype") or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         vae_dtype = _dtype(vae_dtype, "vae_dtype")
         names = attention_names()
@@ -74,29 +91,96 @@ class RuntimeOptions:
             raise ValueError(f"linear={linear!r} is unknown; choose one of: {', '.join(LINEAR_FORMATS)}")
         if linear != "default" and dtype == torch.float32 and device.type == "cuda":
             raise ValueError(f"linear={linear!r} quantizes bf16/fp16 models; pass dtype=torch.bfloat16")
-        for name, value in (("parallel", parallel), ("cache", cache), ("offload", offload)):
-            if value:
-                raise NotImplementedError(
-                    f"{name}= is not available in this version of dit_rt yet; leave it unset"
-                )
+        from dit_rt.cache import check_cache
+        from dit_rt.offload import OFFLOAD_MODES
+
+        check_cache(cache)
+        if offload not in (None, *OFFLOAD_MODES):
+            raise ValueError(f"offload={offload!r} is unknown; choose one of: {', '.join(OFFLOAD_MODES)}")
         if compile not in (True, False):
             raise ValueError(f"compile must be True or False, got {compile!r}")
-        if compile:
-            raise NotImplementedError("compile=True is not available in this version of dit_rt yet")
+        if parallel and (offload or compile):
+            # Not yet proven together (offload streams weights that FSDP would shard; compiled blocks would
+            # trace the Ulysses / Ring collectives): refuse rather than run something untested.
+            what = "offload=" if offload else "compile=True"
+            raise ValueError(f"{what} cannot be combined with parallel= in this version; drop one of them")
+        if offload and park_experts:
+            raise ValueError(
+                "park_experts=True and offload= both move weights to the host; use offload= alone"
+            )
         if park_experts not in (None, True, False):
             raise ValueError(
                 f"park_experts must be None (decide by free memory), True or False, got {park_experts!r}"
             )
+        mesh = ParallelMesh(ParallelConfig())
+        if parallel is not None:
+            # Validate the degrees (and their product against the world) before the mesh's collectives.
+            options = vars(parallel) if isinstance(parallel, ParallelConfig) else parallel
+            _, world = init_distributed(device)
+            parallel = ParallelConfig.from_dict(options, world)
+            if device.type == "cuda" and world > 1:
+                device = torch.device("cuda", torch.cuda.current_device())  # cuda:LOCAL_RANK
+            if parallel.fsdp and park_experts:
+                raise ValueError("park_experts=True moves whole experts to the CPU; FSDP shards them instead")
+            mesh = ParallelMesh.build(parallel, device)
         return cls(
-            device, dtype, attention, linear, vae_dtype, park_experts, parallel, cache, offload, compile
+            device,
+            dtype,
+            attention,
+            linear,
+            vae_dtype,
+            park_experts,
+            parallel,
+            cache,
+            offload,
+            compile,
+            mesh,
         )
 
     @property
     def linear_format(self) -> str | None:
         return None if self.linear == "default" else self.linear
 
-    def install(self, model: torch.nn.Module) -> None:
-        """Apply the attention backend (resolved once, logged once) to a built transformer."""
+    def install(self, model: torch.nn.Module, alias: str | None = None) -> None:
+        """Apply the attention backend (resolved once, logged once) to a built transformer, then the
+        parallel modes: sequence parallelism per the model's `sequence_plan` (Ulysses / Ring ops wrapping
+        that backend) when ulysses x ring > 1, and FSDP2 over every rank's blocks when fsdp."""
         from dit_rt.ops.attention import set_attention
+        from dit_rt.parallel import SequenceParallel, shard_blocks
+        from dit_rt.parallel.fsdp import world_mesh
 
         set_attention(model, self.attention, device=self.device, dtype=self.dtype)
+        if self.mesh.size("sp") > 1:
+            self.installed.append(SequenceParallel.apply(model, self.mesh))
+        if self.parallel is not None and self.parallel.fsdp and self.mesh.mesh is not None:
+            if self.fsdp_mesh is None:
+                self.fsdp_mesh = world_mesh()
+            shard_blocks(model, mesh=self.fsdp_mesh)
+        if self.compile:
+            from dit_rt.compile import apply_compile
+
+            apply_compile(model)
+        if self.offload == "block":
+            from dit_rt.offload import apply_offload
+
+            apply_offload(model, "block", device=self.device)
+        if self.cache:
+            from dit_rt.cache import apply_cache
+
+            cache = apply_cache(model, self.cache, alias=alias)
+            group = self.mesh.group("sp")
+            if group is not None:  # every rank of a sequence group must take the same skip decision
+                import torch.distributed as dist
+
+                def reduce(sums: torch.Tensor) -> torch.Tensor:
+                    dist.all_reduce(sums, group=group)
+                    return sums
+
+                cache.reduce = reduce
+
+    @property
+    def rank(self) -> int:
+        """This process's global rank (0 without a process group)."""
+        import torch.distributed as dist
+
+        return dist.get_rank() if dist.is_initialized() else 0

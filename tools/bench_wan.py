@@ -100,7 +100,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def bench_transformer(name: str, attention: str, warmup: int, iters: int) -> dict:
+def bench_transformer(name: str, attention: str, warmup: int, iters: int, linear: str | None = None) -> dict:
     from diffusers import WanTransformer3DModel
 
     from dit_rt.models.wan import WanTransformer, WanTransformerConfig
@@ -116,18 +116,47 @@ def bench_transformer(name: str, attention: str, warmup: int, iters: int) -> dic
     img = torch.randn(1, 257, 1280, generator=g, device=dev).to(dt) if config["image_dim"] else None
 
     fresh()
-    with torch.device(dev):
-        ours = WanTransformer(WanTransformerConfig.from_config(config)).to(dt)
+    torch.set_default_dtype(dt)  # build in bf16, then keep_fp32 parameters in fp32, as the loader leaves them
+    try:
+        with torch.device(dev):
+            ours = WanTransformer(WanTransformerConfig.from_config(config)).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for pname, p in ours.named_parameters():
+        if any(k in pname for k in ours.keep_fp32):
+            p.data = p.data.float()
     randomize_(ours)
     set_attention(ours, attention, device=dev, dtype=dt)
     weights = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()  # peaks below: weights + one forward's activations
     tokens = lat[2] * (lat[3] // 2) * (lat[4] // 2)
     flops = ours.flops(lat[2], lat[3], lat[4], text_len=512, image_tokens=257 if img is not None else 0)
+
+    def run():
+        return ours(x, t, ctx, img) if img is not None else ours(x, t, ctx)
+
     with torch.no_grad():
-        ms, out = timed(lambda: ours(x, t, ctx, img) if img is not None else ours(x, t, ctx), warmup, iters)
+        ms, out = timed(run, warmup, iters)
     ours_peak = torch.cuda.max_memory_allocated()
     out_ours = out.float().cpu()
     state = {k: v.cpu() for k, v in checkpoint_state(ours).items()}
+    fast = {}
+    if linear:  # "fast" mode: fp8 block linears + fp8 attention, compared with the exact output above
+        from dit_rt.ops import quantize_
+
+        out = None
+        quantize_(ours.blocks, linear)
+        set_attention(ours, "fa3-fp8", device=dev, dtype=dt)
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            fast_ms, fast_out = timed(run, warmup, iters)
+        fast = dict(
+            fast_linear=linear,
+            fast_ms=fast_ms,
+            fast_peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+            fast_rel_err_vs_exact=rel(fast_out.float().cpu(), out_ours),
+        )
+        fast_out = None
     ours = out = None
     fresh()
 
@@ -139,6 +168,7 @@ def bench_transformer(name: str, attention: str, warmup: int, iters: int) -> dic
         torch.set_default_dtype(torch.float32)
     ref.load_state_dict(state, strict=True)
     del state
+    torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
         kw = dict(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)
         if img is not None:
@@ -160,6 +190,7 @@ def bench_transformer(name: str, attention: str, warmup: int, iters: int) -> dic
         diffusers_peak_gib=ref_peak / 2**30,
         weights_gib=weights / 2**30,
         rel_err_vs_diffusers=err,
+        **fast,
     )
 
 
@@ -176,6 +207,7 @@ def bench_vae(warmup: int, iters: int, dtype: torch.dtype) -> dict:
     with torch.device(dev):
         ours = WanVAE(WanVAEConfig.from_config(VAE)).to(dtype).eval()
     randomize_(ours)
+    torch.cuda.reset_peak_memory_stats()  # peaks below: weights + one decode's activations
     with torch.no_grad():
         ms, out = timed(lambda: ours.decode(z), warmup, iters)
     peak = torch.cuda.max_memory_allocated()
@@ -186,6 +218,7 @@ def bench_vae(warmup: int, iters: int, dtype: torch.dtype) -> dict:
     ref = AutoencoderKLWan(**VAE)
     ref.load_state_dict(state, strict=True)
     ref = ref.to(dev, dtype).eval()
+    torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
         ref_ms, ref_out = timed(lambda: ref.decode(z, return_dict=False)[0], warmup, iters)
     ref_peak = torch.cuda.max_memory_allocated()
@@ -209,6 +242,7 @@ def main():
     p.add_argument("--models", default="1.3b,14b")
     p.add_argument("--attention", default="sdpa")
     p.add_argument("--vae", action="store_true")
+    p.add_argument("--fast-linear", help="also time the fast mode: this linear format + fa3-fp8 attention")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--out")
@@ -217,7 +251,7 @@ def main():
     for name in filter(None, a.models.split(",")):
         t0 = time.time()
         try:
-            rows.append(bench_transformer(name, a.attention, a.warmup, a.iters))
+            rows.append(bench_transformer(name, a.attention, a.warmup, a.iters, a.fast_linear))
         except Exception as e:  # one failing case must not hide the others
             rows.append(dict(model=name, error=f"{type(e).__name__}: {e}"))
         print(json.dumps(rows[-1]), f"({time.time() - t0:.0f}s)", flush=True)
@@ -239,6 +273,13 @@ def main():
             f"| {r['model']} | {r['ms']:.0f} | {r['diffusers_ms']:.0f} | {r['ratio']:.2f} | {tf} | "
             f"{r['peak_gib']:.1f} / {r['diffusers_peak_gib']:.1f} | {r['rel_err_vs_diffusers']:.1e} |"
         )
+        if "fast_ms" in r:
+            print(
+                f"| {r['model']} fast ({r['fast_linear']} + fa3-fp8) | {r['fast_ms']:.0f} "
+                f"| {r['diffusers_ms']:.0f} | {r['fast_ms'] / r['diffusers_ms']:.2f} | - "
+                f"| {r['fast_peak_gib']:.1f} / - "
+                f"| {r['fast_rel_err_vs_exact']:.1e} vs exact |"
+            )
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -10,24 +10,34 @@ from __future__ import annotations
 
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+def world_mesh() -> DeviceMesh:
+    """A 1-D mesh over every rank, the one FSDP shards over (build it once, share it between models)."""
+    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("fsdp",))
 
 
 def shard_blocks(
-    model: nn.Module, blocks: str = "blocks", *, reshard_after_forward: bool = True
+    model: nn.Module,
+    blocks: str = "blocks",
+    *,
+    reshard_after_forward: bool = True,
+    mesh: DeviceMesh | None = None,
 ) -> nn.Module:
     """Apply `torch.distributed.fsdp.fully_shard` to each module of `model.<blocks>` and to `model`.
 
     Needs an initialised process group (see `init_distributed`); the parameters must be materialised
     (not meta) on this rank's device. reshard_after_forward=False keeps gathered weights between steps
-    (faster, more memory). Returns the model, whose modules are now FSDP modules in place.
+    (faster, more memory). mesh: the 1-D world mesh (`world_mesh()`); built when None. Returns the model,
+    whose modules are now FSDP modules in place.
     """
     from torch.distributed.fsdp import fully_shard
 
     if not dist.is_initialized():
         raise RuntimeError("shard_blocks needs torch.distributed; launch with torchrun (tools/launch.py)")
-    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    mesh = init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("fsdp",))
+    mesh = mesh if mesh is not None else world_mesh()
     stack = getattr(model, blocks, None)
     if not isinstance(stack, nn.ModuleList):
         raise ValueError(f"shard_blocks: {type(model).__name__}.{blocks} is not a ModuleList of blocks")

@@ -107,6 +107,9 @@ class ParallelMesh:
     config: ParallelConfig
     mesh: DeviceMesh | None = None
     sp_mesh: DeviceMesh | None = None  # ring x ulysses flattened (torch wants flattened meshes kept apart)
+    # cfg x ring x ulysses flattened: the ranks that share one data-parallel slice of the batch (they
+    # split its VAE decode spatially).
+    replica_mesh: DeviceMesh | None = None
 
     @classmethod
     def build(
@@ -125,17 +128,28 @@ class ParallelMesh:
             device_type, tuple(getattr(config, n) for n in DEGREES), mesh_dim_names=DEGREES
         )
         sp_mesh = mesh["ring", "ulysses"]._flatten("sp") if config.sp > 1 else None
-        return cls(config, mesh, sp_mesh)
+        replica = mesh["cfg", "ring", "ulysses"]._flatten("replica") if config.cfg * config.sp > 1 else None
+        return cls(config, mesh, sp_mesh, replica)
 
     def size(self, dim: str) -> int:
-        return self.config.sp if dim == "sp" else getattr(self.config, dim)
+        """Ranks along `dim`: a mesh dim, "sp" (ring x ulysses) or "replica" (cfg x ring x ulysses)."""
+        if dim == "sp":
+            return self.config.sp
+        if dim == "replica":
+            return self.config.cfg * self.config.sp
+        return getattr(self.config, dim)
+
+    def _sub(self, dim: str) -> DeviceMesh:
+        if dim in ("sp", "replica"):
+            return self.sp_mesh if dim == "sp" else self.replica_mesh
+        return self.mesh[dim]
 
     def rank(self, dim: str) -> int:
         if self.mesh is None or self.size(dim) == 1:
             return 0
-        return (self.sp_mesh if dim == "sp" else self.mesh[dim]).get_local_rank()
+        return self._sub(dim).get_local_rank()
 
     def group(self, dim: str) -> dist.ProcessGroup | None:
         if self.mesh is None or self.size(dim) == 1:
             return None
-        return (self.sp_mesh if dim == "sp" else self.mesh[dim]).get_group()
+        return self._sub(dim).get_group()

@@ -5,16 +5,29 @@ the CLIP ViT-H/14 image tokens.
 
 Step for step the same computation as diffusers' `WanPipeline` / `WanImageToVideoPipeline`, so both give the
 same frames from the same `latents`.
+
+Under torchrun with `parallel=` (see dit_rt.parallel) the same loop runs on every rank: data parallel splits
+the prompt batch over the dp groups (the noise is drawn for the whole batch on every rank, then sliced, so
+each item sees the noise it would in one process); CFG parallel runs the conditional pass on cfg rank 0 and
+the unconditional one on rank 1 and exchanges the predictions; Ulysses / Ring run inside the transformer's
+attention (installed by RuntimeOptions). Every rank then steps the scheduler identically, the ranks of a
+dp group decode their items together (latent rows split across them), and every rank returns the whole
+batch.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
+from dit_rt.cache import cache_branch, cache_reset, cache_stats, cache_step
 from dit_rt.catalog import Defaults, Entry
+from dit_rt.offload import ComponentOffload
+from dit_rt.parallel import cfg_gather, cfg_select, gather_batch, split_batch
+from dit_rt.parallel.vae import parallel_decode
 from dit_rt.pipeline import GenerationOutput, StepCallback, as_prompt_list, guide, make_generator, progress
 from dit_rt.runtime import RuntimeOptions
 
@@ -65,10 +78,14 @@ class WanPipeline:
 
         self.folder, self.options, self.entry = folder, options, entry
         self.i2v = index.get("_class_name") == "WanImageToVideoPipeline"
+        self.mesh = options.mesh
         device, dtype = options.device, options.dtype
         self.device, self.dtype = device, dtype
 
-        def build(cls, config_cls, component: str, dtype, linear_format=None, *, to=device):
+        # With offload=, every component loads into host memory and visits the device only while used.
+        host = torch.device("cpu") if options.offload else device
+
+        def build(cls, config_cls, component: str, dtype, linear_format=None, *, to=host):
             config = config_cls.from_config(loaders.read_config(folder / component))
             if cls is WanTransformer:
                 config = _clip_branch_from_keys(config, folder / component)
@@ -92,14 +109,20 @@ class WanPipeline:
         self.transformers = [
             build(WanTransformer, WanTransformerConfig, experts[0], dtype, options.linear_format)
         ]
+        fsdp = options.parallel is not None and options.parallel.fsdp
+        if fsdp:  # shard the first expert before the second one is loaded beside it
+            options.install(self.transformers[0], entry.alias if entry else None)
         self.park_experts = False
         if len(experts) == 2:
             # Wan 2.2 A14B: when the GPU cannot hold both experts with room to run, the low-noise expert waits
-            # in host memory and the two swap at the boundary (one swap each way per generation).
-            self.park_experts = options.park_experts
+            # in host memory and the two swap at the boundary (one swap each way per generation). Under FSDP
+            # each rank holds a shard of both instead.
+            self.park_experts = options.park_experts and not fsdp
             if self.park_experts is None:
-                self.park_experts = not _fits_beside(self.transformers[0], device)
-            to = torch.device("cpu") if self.park_experts else device
+                self.park_experts = (
+                    not fsdp and not options.offload and not _fits_beside(self.transformers[0], device)
+                )
+            to = torch.device("cpu") if self.park_experts else host
             self.transformers.append(
                 build(WanTransformer, WanTransformerConfig, experts[1], dtype, options.linear_format, to=to)
             )
@@ -107,8 +130,9 @@ class WanPipeline:
                 log.info(
                     "dit_rt: two experts do not fit on %s together; the inactive one waits on the CPU", device
                 )
-        for model in self.transformers:
-            options.install(model)
+        alias = entry.alias if entry else None
+        for model in self.transformers[1 if fsdp else 0 :]:
+            options.install(model, alias)
         self.image_encoder = self.clip_config = None
         if self.i2v and self.transformers[0].cfg.image_dim is not None:  # Wan 2.1 I2V: CLIP image tokens
             from dit_rt.models.image import CLIPImageConfig
@@ -120,6 +144,14 @@ class WanPipeline:
                 )
             self.image_encoder = build(CLIPVisionEncoder, CLIPVisionConfig, "image_encoder", dtype)
             self.clip_config = CLIPImageConfig.from_config(loaders.read_config(folder / "image_processor"))
+        self.offload = ComponentOffload(device)
+        if options.offload:
+            for m in (self.text_encoder, self.vae, self.image_encoder):
+                if m is not None:
+                    self.offload.add(m)
+            if options.offload == "model":
+                for m in self.transformers:
+                    self.offload.add(m)
         ratio = index.get("boundary_ratio")
         if len(self.transformers) == 2 and ratio is None:
             raise ValueError(f"{folder}: model_index.json lists transformer_2 but no boundary_ratio")
@@ -159,14 +191,15 @@ class WanPipeline:
     def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512) -> torch.Tensor:
         from dit_rt.models.text import wan_text_embeddings
 
-        return wan_text_embeddings(
-            self.text_encoder,
-            self.tokenizer,
-            prompts,
-            max_length=max_sequence_length,
-            device=self.device,
-            dtype=self.dtype,
-        )
+        with self.offload.use(self.text_encoder):
+            return wan_text_embeddings(
+                self.text_encoder,
+                self.tokenizer,
+                prompts,
+                max_length=max_sequence_length,
+                device=self.device,
+                dtype=self.dtype,
+            )
 
     # ---------------------------------------------------------------------------------------------- generate
 
@@ -233,12 +266,32 @@ class WanPipeline:
         shape = self.check_inputs(height, width, num_frames, len(prompts), latents)
 
         do_cfg = g1 > 1.0  # as the reference: guidance is decided by the first expert's scale
-        cond = self.encode_prompt(prompts, max_sequence_length)
-        uncond = self.encode_prompt(negatives, max_sequence_length) if do_cfg else None
+        mesh, batch = self.mesh, len(prompts)
+        dp_group, cfg_group = mesh.group("dp"), mesh.group("cfg")
+        cfg_parallel = mesh.size("cfg") == 2
+        if mesh.size("dp") > batch:
+            raise ValueError(
+                f"parallel dp={mesh.size('dp')} splits the prompt batch over {mesh.size('dp')} groups; "
+                f"pass at least {mesh.size('dp')} prompts or lower dp"
+            )
+        if cfg_parallel and not do_cfg:
+            raise ValueError(
+                "parallel cfg=2 runs the conditional and unconditional passes on different ranks, but "
+                f"guidance_scale={g1} <= 1 runs no unconditional pass; use guidance_scale > 1 or cfg=1"
+            )
+        # Data parallel: this dp group's part of the batch (everything in one process).
+        prompts, negatives = split_batch(prompts, dp_group), split_batch(negatives, dp_group)
+        if cfg_parallel:  # this rank's pass only: cond on cfg rank 0, uncond on cfg rank 1
+            cond = self.encode_prompt(cfg_select(prompts, negatives, cfg_group), max_sequence_length)
+        else:
+            cond = self.encode_prompt(prompts, max_sequence_length)
+            uncond = self.encode_prompt(negatives, max_sequence_length) if do_cfg else None
 
         if latents is None:
+            # The whole batch's noise, identical on every rank (one shared seed), then this group's slice.
+            seed = self._shared_seed(seed)
             latents = torch.randn(shape, generator=make_generator(seed, self.device), device=self.device)
-        latents = latents.to(self.device, torch.float32)
+        latents = split_batch(latents.to(self.device, torch.float32), dp_group)
         condition = image_tokens = None
         if self.i2v:
             condition, image_tokens = self.encode_image(image, len(prompts), height, width, num_frames)
@@ -251,22 +304,58 @@ class WanPipeline:
             scheduler = UniPCFlowScheduler.from_config(self.scheduler_config, flow_shift=shift)
         scheduler.set_timesteps(steps, device=self.device)
 
-        for i, t in enumerate(progress(scheduler.timesteps, progress_bar)):
-            expert, scale = self._expert(t, g1, g2)
-            x = latents if condition is None else torch.cat([latents, condition], dim=1)
-            x = x.to(self.dtype)
-            timestep = t.expand(x.shape[0])
-            noise = expert(x, timestep, cond, image_tokens)
-            if do_cfg:
-                noise = guide(expert(x, timestep, uncond, image_tokens), noise, scale)
-            latents = scheduler.step(noise, t, latents)
-            if callback is not None:
-                callback(i, t, latents)
+        show = progress_bar and self.options.rank == 0
+        # Step caches keep one state per expert and per guidance branch; under cfg parallel each rank runs
+        # one branch.
+        first_branch = "uncond" if cfg_parallel and self.mesh.rank("cfg") == 1 else "cond"
+        cache_reset(self.transformers, steps)
+        with (
+            ExitStack() as on_device
+        ):  # offload="model": the active expert's weights, swapped at the boundary
+            active = None
+            for i, t in enumerate(progress(scheduler.timesteps, show)):
+                expert, scale = self._expert(t, g1, g2)
+                if expert is not active:
+                    on_device.close()
+                    on_device.enter_context(self.offload.use(expert))
+                    active = expert
+                cache_step(expert, i)
+                x = latents if condition is None else torch.cat([latents, condition], dim=1)
+                x = x.to(self.dtype)
+                timestep = t.expand(x.shape[0])
+                with cache_branch(expert, first_branch):
+                    noise = expert(x, timestep, cond, image_tokens)
+                if cfg_parallel:
+                    noise, noise_uncond = cfg_gather(noise, cfg_group)  # both ranks get both predictions
+                    noise = guide(noise_uncond, noise, scale)
+                elif do_cfg:
+                    with cache_branch(expert, "uncond"):
+                        noise = guide(expert(x, timestep, uncond, image_tokens), noise, scale)
+                latents = scheduler.step(noise, t, latents)
+                if callback is not None:
+                    callback(i, t, latents)  # under data parallel: this dp group's part of the batch
+        stats = cache_stats(self.transformers)
 
         fps = d.fps
         if output_type == "latents":
-            return GenerationOutput(frames=torch.empty(0), latents=latents, fps=fps)
-        return GenerationOutput(frames=self.decode(latents), latents=latents, fps=fps)
+            return GenerationOutput(
+                frames=torch.empty(0), latents=gather_batch(latents, dp_group, batch), fps=fps, stats=stats
+            )
+        frames = gather_batch(self._decode(latents), dp_group, batch).cpu()
+        latents = gather_batch(latents, dp_group, batch)
+        return GenerationOutput(frames=frames, latents=latents, fps=fps, stats=stats)
+
+    def _shared_seed(self, seed: int | None) -> int | None:
+        """With several processes and no seed, rank 0 picks one for all: every rank must draw the same
+        noise (each dp group then takes its slice; sequence and cfg ranks need identical inputs)."""
+        import torch.distributed as dist
+
+        if seed is not None or not dist.is_initialized() or dist.get_world_size() == 1:
+            return seed
+        drawn = torch.randint(0, 2**62, (1,), generator=make_generator(None, torch.device("cpu")))
+        drawn = drawn.to(self.device)
+        dist.broadcast(drawn, src=0)
+        return int(drawn.item())
 
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor, batch: int, height: int, width: int, num_frames: int):
@@ -276,7 +365,8 @@ class WanPipeline:
 
         frame = resize_for_video(image, height, width).to(self.device)  # [1, 3, H, W] in [-1, 1]
         video = torch.cat([frame.unsqueeze(2), frame.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
-        z = self.vae.encode(video.to(self.vae_dtype)).mean.float()  # the posterior mode, as the reference
+        with self.offload.use(self.vae):
+            z = self.vae.encode(video.to(self.vae_dtype)).mean.float()  # the posterior mode, as the reference
         z = self.vae.normalize_latents(z).repeat(batch, 1, 1, 1, 1)
         _, _, t, h, w = z.shape
         # Pixel-frame mask (1 on frame 0), frame 0 repeated 4x, folded into 4 channels per latent frame.
@@ -287,7 +377,8 @@ class WanPipeline:
         tokens = None
         if self.image_encoder is not None:
             pixels = clip_preprocess(image, self.clip_config).to(self.device, self.image_encoder_dtype)
-            tokens = self.image_encoder(pixels).repeat(batch, 1, 1).to(self.dtype)
+            with self.offload.use(self.image_encoder):
+                tokens = self.image_encoder(pixels).repeat(batch, 1, 1).to(self.dtype)
         return condition, tokens
 
     @property
@@ -312,8 +403,17 @@ class WanPipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents -> float32 frames (B, T, H, W, C) in [0, 1] on the CPU."""
+        """Normalised latents -> float32 frames (B, T, H, W, C) in [0, 1] on the CPU.
+
+        Under parallel=, the ranks of a dp group (cfg x ulysses x ring) decode together, each its own
+        latent rows (dit_rt.parallel.vae); every rank of the group must call this with the same latents.
+        """
+        return self._decode(latents).cpu()
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        # [B, Z, T, h, w] -> [B, T', H, W, 3] float32 on the compute device
         z = self.vae.denormalize_latents(latents.to(self.vae_dtype))
-        video = self.vae.decode(z)  # [B, C, T, H, W] in [-1, 1]
+        with self.offload.use(self.vae):
+            video = parallel_decode(self.vae, z, self.mesh.group("replica"))  # [B, C, T, H, W] in [-1, 1]
         frames = (video.float() / 2 + 0.5).clamp(0, 1)
-        return frames.permute(0, 2, 3, 4, 1).cpu()
+        return frames.permute(0, 2, 3, 4, 1)

@@ -1,0 +1,83 @@
+"""Per-block torch.compile: each transformer block is compiled in place (`nn.Module.compile`).
+
+Why per block and not the whole model: the block is the unit every other feature works around. Step
+caches decide in eager code between blocks (they read `.item()`), offload swaps a block's weights between
+calls, sequence parallelism shards the runner's inputs; none of that is inside a compiled region, so it all
+keeps working. All blocks of a model share one forward, and parameters are graph inputs (dynamo inlines
+built-in nn modules), so one compilation serves every block and every expert of the same shape.
+
+Attention backends stay traceable: sdpa is a PyTorch op and the kernel backends are `torch.library`
+custom ops with fake implementations; quantized linears compile through their emulated or custom-op paths.
+CUDA graphs (`cuda_graphs=True`, inductor's "reduce-overhead") need static shapes and fixed weight
+addresses, so they are refused together with block offload, whose weights move between buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dit_rt.runner import BlockRunner
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    backend: str = "inductor"
+    mode: str | None = None
+    fullgraph: bool = True
+    dynamic: bool = False
+    cuda_graphs: bool = False
+
+
+def _runner_blocks(model: nn.Module) -> tuple[BlockRunner, nn.ModuleList]:
+    runner, blocks = getattr(model, "runner", None), getattr(model, "blocks", None)
+    if not isinstance(runner, BlockRunner) or not isinstance(blocks, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__} needs a BlockRunner `runner` and a ModuleList `blocks`")
+    return runner, blocks
+
+
+def apply_compile(
+    model: nn.Module,
+    *,
+    backend: str = "inductor",
+    mode: str | None = None,
+    fullgraph: bool = True,
+    dynamic: bool = False,
+    cuda_graphs: bool = False,
+) -> CompileOptions:
+    """Compile every block of `model` in place; compilation itself happens at the first forward.
+
+    dynamic=False: one graph per input shape (a generation keeps its shapes; a new resolution recompiles).
+    cuda_graphs=True selects inductor's "reduce-overhead" mode (CUDA graph trees) unless `mode` is given.
+    """
+    from dit_rt.offload import BlockOffload
+
+    runner, blocks = _runner_blocks(model)
+    if cuda_graphs and any(isinstance(h, BlockOffload) for h in runner.block_hooks):
+        raise ValueError("compile with CUDA graphs cannot be combined with offload='block' (weights move)")
+    if cuda_graphs and mode is None:
+        mode = "reduce-overhead"
+    opts = CompileOptions(backend, mode, fullgraph, dynamic, cuda_graphs)
+    for block in blocks:
+        block.compile(backend=backend, mode=mode, fullgraph=fullgraph, dynamic=dynamic)
+    runner.compile_options = opts
+    return opts
+
+
+def remove_compile(model: nn.Module) -> None:
+    """Back to eager blocks."""
+    runner, blocks = _runner_blocks(model)
+    for block in blocks:
+        block._compiled_call_impl = None
+    runner.compile_options = None
+
+
+def compile_options(model: nn.Module) -> CompileOptions | None:
+    return getattr(getattr(model, "runner", None), "compile_options", None)
+
+
+def reset_compile_caches() -> None:
+    """Forget compiled graphs (tests and benchmarks that time a fresh compilation)."""
+    torch._dynamo.reset()

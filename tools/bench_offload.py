@@ -1,0 +1,209 @@
+"""Block offload and per-block compile on the GPU, random bf16 weights, one transformer forward = one step.
+
+Part 1 (offload): Wan2.1-14B at 480x832x81 (latent 21x60x104, 32,760 tokens, 512 text tokens). The same
+model and inputs are timed resident on the GPU, then with offload="block" for a few (resident, buffers)
+settings: per-forward time (median of --iters after a warm-up) and peak GPU memory of the forward
+(torch.cuda.max_memory_allocated, weights included). Targets: peak <= 1/3 of resident, time <= 1.15x.
+
+Part 2 (compile): Wan2.1-1.3B at 480p (same token count): eager vs apply_compile (inductor, per block):
+compile time (the first call minus an eager call) and the steady-state speedup; --cuda-graphs adds a
+"reduce-overhead" run.
+
+    python tools/bench_offload.py --out bench_offload.json            # both parts, ~5 minutes on an H100
+    python tools/bench_offload.py --parts compile --cuda-graphs
+    python tools/bench_offload.py --preset tiny --device cpu --parts offload --iters 1   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+from dit_rt.compile import apply_compile, remove_compile
+from dit_rt.models.wan import WanTransformer, WanTransformerConfig
+from dit_rt.offload import BlockOffload, apply_offload
+from dit_rt.ops.attention import set_attention
+
+LATENT = (21, 60, 104)  # 480x832x81 through the Wan VAE (4x temporal, 8x spatial)
+TINY = WanTransformerConfig(
+    num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=4, text_dim=64
+)
+
+
+def build(cfg: WanTransformerConfig, device: torch.device, dtype: torch.dtype) -> WanTransformer:
+    """Random weights straight on `device`: std 0.02 matrices, unit norms, fp32 where the loader keeps it."""
+    with torch.device(device):
+        model = WanTransformer(cfg)
+    g = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            keep = any(k in name for k in WanTransformer.keep_fp32)
+            p.data = p.data.to(torch.float32 if keep else dtype)
+            if p.ndim == 1 and "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    return model.eval().requires_grad_(False)
+
+
+def make_inputs(cfg, latent, device, dtype):
+    g = torch.Generator(device).manual_seed(1)
+    x = torch.randn(1, cfg.in_channels, *latent, generator=g, device=device).to(dtype)
+    ctx = torch.randn(1, 512, cfg.text_dim, generator=g, device=device).to(dtype)
+    return x, torch.tensor([500.0], device=device), ctx
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def measure(model, inputs, device, iters: int) -> dict:
+    """Warm-up call, then the median of `iters` forwards and the peak memory over them."""
+    with torch.no_grad():
+        timed(lambda: model(*inputs), device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = [timed(lambda: model(*inputs), device) for _ in range(iters)]
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return {"step_s": statistics.median(times), "peak_gib": peak}
+
+
+def remove_offload(model, hook: BlockOffload) -> None:
+    hook.detach()
+    model.runner.block_hooks.remove(hook)
+
+
+def bench_offload(args, device, dtype) -> list[dict]:
+    cfg = TINY if args.preset == "tiny" else WanTransformerConfig.preset("wan2.1-t2v-14b")
+    latent = (3, 8, 8) if args.preset == "tiny" else LATENT
+    model = build(cfg, device, dtype)
+    backend = set_attention(model, args.attention)
+    inputs = make_inputs(cfg, latent, device, dtype)
+    tokens = latent[0] * (latent[1] // 2) * (latent[2] // 2)
+    rows = [
+        {
+            "run": "resident",
+            "model": args.preset,
+            "tokens": tokens,
+            **measure(model, inputs, device, args.iters),
+        }
+    ]
+    print(json.dumps(rows[-1]), flush=True)
+    base = rows[0]
+    for setting in args.settings.split(","):
+        resident, buffers = (int(v) for v in setting.split(":"))
+        t0 = time.perf_counter()
+        hook = apply_offload(model, "block", device=device, resident=resident, buffers=buffers)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        pack_s = time.perf_counter() - t0
+        r = measure(model, inputs, device, args.iters)
+        r.update(
+            run=f"offload block resident={resident} buffers={buffers}",
+            model=args.preset,
+            tokens=tokens,
+            pack_s=pack_s,
+            copies_per_step=(hook.copies / (args.iters + 1)),
+            time_ratio=r["step_s"] / base["step_s"],
+            memory_ratio=r["peak_gib"] / base["peak_gib"] if device.type == "cuda" else float("nan"),
+        )
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        remove_offload(model, hook)
+        del hook
+        gc.collect()
+    rows[0]["attention"] = str(next(iter(backend.values())))
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_compile(args, device, dtype) -> list[dict]:
+    cfg = TINY if args.preset == "tiny" else WanTransformerConfig.preset("wan2.1-t2v-1.3b")
+    latent = (3, 8, 8) if args.preset == "tiny" else LATENT
+    model = build(cfg, device, dtype)
+    set_attention(model, args.attention)
+    inputs = make_inputs(cfg, latent, device, dtype)
+    eager = measure(model, inputs, device, args.iters)
+    rows = [{"run": "eager", "model": args.preset, **eager}]
+    print(json.dumps(rows[-1]), flush=True)
+    variants = [("compile", dict())] + (
+        [("compile+cudagraphs", dict(cuda_graphs=True))] if args.cuda_graphs else []
+    )
+    backend = "inductor" if device.type == "cuda" else "aot_eager"
+    for name, kw in variants:
+        torch._dynamo.reset()
+        apply_compile(model, backend=backend, **kw)
+        with torch.no_grad():
+            first = timed(lambda: model(*inputs), device)
+        r = measure(model, inputs, device, args.iters)
+        r.update(
+            run=name,
+            model=args.preset,
+            compile_s=first - eager["step_s"],
+            speedup=eager["step_s"] / r["step_s"],
+        )
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        remove_compile(model)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["run", "model", "step_s", "peak_gib", "time_ratio", "memory_ratio", "compile_s", "speedup"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [r.get(c, "") for c in cols]
+        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="offload,compile")
+    ap.add_argument("--preset", default="real", choices=["real", "tiny"])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument(
+        "--settings", default="0:2,0:3,4:2", help="offload runs as resident:buffers, comma separated"
+    )
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--cuda-graphs", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    device, dtype = torch.device(args.device), torch.bfloat16
+    rows = []
+    if "offload" in args.parts:
+        rows += bench_offload(args, device, dtype)
+    if "compile" in args.parts:
+        rows += bench_compile(args, device, dtype)
+    env = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+    result = {"env": env, "args": vars(args), "rows": rows}
+    print(json.dumps(result, indent=1))
+    print(table(rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
