@@ -109,11 +109,13 @@ def _warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
-def _rows(x: torch.Tensor) -> tuple[int, int]:
-    """(row count, row stride) of a [B, L, D] tensor whose rows may be strided views (last dim contiguous)."""
-    if x.stride(-1) != 1 or x.stride(0) != x.shape[1] * x.stride(1):
-        raise ValueError("expected a [B, L, D] tensor with contiguous channels and uniformly strided rows")
-    return x.shape[0] * x.shape[1], x.stride(1)
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(tensor, row count, row stride) of a [B, L, D] tensor as the kernels address it: B*L rows a fixed
+    stride apart with contiguous channels. Strided row views (a q slice of a fused qkv output) pass as
+    they are; anything else (a sequence shard of a padded batch, say) is made contiguous first."""
+    if x.stride(-1) != 1 or (x.shape[0] > 1 and x.stride(0) != x.shape[1] * x.stride(1)):
+        x = x.contiguous()
+    return x, x.shape[0] * x.shape[1], x.stride(1)
 
 
 # ---------------------------------------------------------------------------------------- LN + modulate
@@ -125,7 +127,7 @@ def _ln_modulate_cuda(
 ) -> torch.Tensor:
     triton, kernel, _, _ = _kernels()
     B, L, D = x.shape
-    rows, stride = _rows(x)
+    x, rows, stride = _rows(x)
     out = torch.empty(B, L, D, device=x.device, dtype=x.dtype)
     has_mod = shift is not None
     if has_mod:
@@ -174,7 +176,7 @@ def _gated_residual_cuda(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -
     triton, _, kernel, _ = _kernels()
     B, L, D = x.shape
     x = x.contiguous()
-    rows, stride = _rows(y)
+    y, rows, stride = _rows(y)
     gate = gate.float().expand(B, 1, D).contiguous()
     out = torch.empty_like(x)
     block = triton.next_power_of_2(D)
@@ -203,7 +205,7 @@ def _rms_norm_rope_cuda(
 ) -> torch.Tensor:
     triton, _, _, kernel = _kernels()
     B, L, D = x.shape
-    rows, stride = _rows(x)
+    x, rows, stride = _rows(x)
     out = torch.empty(B, L, D, device=x.device, dtype=x.dtype)
     has_rope = cos is not None
     half_dh = cos.shape[-1] if has_rope else 1
