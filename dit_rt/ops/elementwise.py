@@ -11,6 +11,7 @@ against diffusers. The Triton kernels are `torch.library` custom ops with fake i
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -23,17 +24,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
 
 
+# Whether Triton is installed, decided once without importing it (import dit_rt stays lean). A plain
+# constant, so torch.compile reads it instead of tracing an import; the kernels build inside the custom ops.
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _triton_available()
-
-
-@functools.cache
-def _triton_available() -> bool:
-    try:
-        _kernels()
-    except ImportError:
-        return False
-    return True
+    return _HAVE_TRITON and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
 
 @functools.cache
