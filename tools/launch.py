@@ -1,6 +1,6 @@
 """Launch dit_rt on several processes with torchrun, one per GPU, sized from the parallel degrees.
 
-    python tools/launch.py generate wan2.1-t2v-1.3b "a cat" --ulysses 2 --cfg 2 -o cat.mp4
+    python tools/launch.py generate --model wan2.1-t2v-1.3b --prompt "a cat" --ulysses 2 --cfg 2 -o cat.mp4
         -> torchrun --standalone --nproc-per-node 4 -m dit_rt generate ... (the product of --dp, --cfg,
            --ulysses, --ring; --nproc-per-node N overrides it)
     python tools/launch.py selftest --ulysses 2 --ring 2 [--seq 32760 --heads 12 --head-dim 128]
