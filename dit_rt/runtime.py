@@ -146,16 +146,13 @@ class RuntimeOptions:
         parallel modes: sequence parallelism per the model's `sequence_plan` (Ulysses / Ring ops wrapping
         that backend) when ulysses x ring > 1, and FSDP2 over every rank's blocks when fsdp."""
         from dit_rt.ops.attention import set_attention
-        from dit_rt.parallel import SequenceParallel, shard_blocks
-        from dit_rt.parallel.fsdp import world_mesh
+        from dit_rt.parallel import SequenceParallel
 
         set_attention(model, self.attention, device=self.device, dtype=self.dtype)
         if self.mesh.size("sp") > 1:
             self.installed.append(SequenceParallel.apply(model, self.mesh))
-        if self.parallel is not None and self.parallel.fsdp and self.mesh.mesh is not None:
-            if self.fsdp_mesh is None:
-                self.fsdp_mesh = world_mesh()
-            shard_blocks(model, mesh=self.fsdp_mesh)
+        if self.parallel is not None and self.parallel.fsdp:
+            self.shard(model)
         if self.compile:
             from dit_rt.compile import apply_compile
 
@@ -177,6 +174,17 @@ class RuntimeOptions:
                     return sums
 
                 cache.reduce = reduce
+
+    def shard(self, model: torch.nn.Module, blocks: str = "blocks") -> None:
+        """FSDP2 over all ranks: each of `model.<blocks>`, then the rest (a no-op in one process)."""
+        from dit_rt.parallel import shard_blocks
+        from dit_rt.parallel.fsdp import world_mesh
+
+        if self.mesh.mesh is None:
+            return
+        if self.fsdp_mesh is None:
+            self.fsdp_mesh = world_mesh()
+        shard_blocks(model, blocks, mesh=self.fsdp_mesh)
 
     @property
     def rank(self) -> int:

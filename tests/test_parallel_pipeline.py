@@ -129,6 +129,15 @@ def _worker(rank: int, world: int, port: int, root: str, folders: dict, referenc
         frames, latents = reference[ckpt]
         results[f"{mode}/frames"] = _error(out.frames, frames)
         results[f"{mode}/latents"] = _error(out.latents, latents)
+        if parallel.get("fsdp"):  # the share of the block weights this rank holds
+            parts = (
+                ("text_encoder", pipe.text_encoder, "encoder.block."),
+                ("transformer", pipe.transformers[0], "blocks."),
+            )
+            for name, model, prefix in parts:
+                params = [p for n, p in model.named_parameters() if n.startswith(prefix)]
+                local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+                results[f"{mode}/{name}_shard"] = local / sum(p.numel() for p in params)
     results.update(_vae_cases(Path(folders["t2v"]), world))
     (Path(root) / f"world{world}_rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -175,6 +184,17 @@ def test_two_processes_match_one(world2, case):
 @pytest.mark.parametrize("case", _cases(4))
 def test_four_processes_match_one(world4, case):
     _check(world4, case)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp_shards_transformer_and_text_encoder(world, world2, world4):
+    per_rank = {2: world2, 4: world4}[world]
+    for mode, (_, parallel) in MODES[world].items():
+        if not parallel.get("fsdp"):
+            continue
+        for results in per_rank:
+            for name in ("text_encoder", "transformer"):
+                assert results[f"{mode}/{name}_shard"] <= 1 / world + 0.05, (mode, name)
 
 
 # ------------------------------------------------------------------------------------------ one process

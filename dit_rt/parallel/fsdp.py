@@ -29,8 +29,10 @@ def shard_blocks(
     """Apply `torch.distributed.fsdp.fully_shard` to each module of `model.<blocks>` and to `model`.
 
     Needs an initialised process group (see `init_distributed`); the parameters must be materialised
-    (not meta) on this rank's device. reshard_after_forward=False keeps gathered weights between steps
-    (faster, more memory). mesh: the 1-D world mesh (`world_mesh()`); built when None. Returns the model,
+    (not meta), on this rank's device or on the host: fully_shard moves each block to the mesh's device
+    as it shards it, so a model loaded into host memory never sits on the GPU whole.
+    reshard_after_forward=False keeps gathered weights between steps (faster, more memory). mesh: the
+    1-D world mesh (`world_mesh()`); built when None. Returns the model,
     whose modules are now FSDP modules in place.
     """
     from torch.distributed.fsdp import fully_shard
@@ -38,7 +40,10 @@ def shard_blocks(
     if not dist.is_initialized():
         raise RuntimeError("shard_blocks needs torch.distributed; launch with torchrun (tools/launch.py)")
     mesh = mesh if mesh is not None else world_mesh()
-    stack = getattr(model, blocks, None)
+    try:
+        stack = model.get_submodule(blocks)  # a dotted path works too ("encoder.block" for T5 encoders)
+    except AttributeError:
+        stack = None
     if not isinstance(stack, nn.ModuleList):
         raise ValueError(f"shard_blocks: {type(model).__name__}.{blocks} is not a ModuleList of blocks")
     for block in stack:

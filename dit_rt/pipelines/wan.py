@@ -84,6 +84,10 @@ class WanPipeline:
 
         # With offload=, every component loads into host memory and visits the device only while used.
         host = torch.device("cpu") if options.offload else device
+        # With FSDP, the transformers and the text encoder load into host memory and move to the GPU
+        # block by block as they are sharded: a model larger than one GPU never sits on one whole.
+        fsdp = options.parallel is not None and options.parallel.fsdp
+        sharded = torch.device("cpu") if fsdp else host
 
         def build(cls, config_cls, component: str, dtype, linear_format=None, *, to=host):
             config = config_cls.from_config(loaders.read_config(folder / component))
@@ -102,14 +106,15 @@ class WanPipeline:
             return model.eval().requires_grad_(False)
 
         self.tokenizer = T5Tokenizer.from_folder(folder / "tokenizer")
-        self.text_encoder = build(UMT5Encoder, UMT5Config, "text_encoder", dtype)
+        self.text_encoder = build(UMT5Encoder, UMT5Config, "text_encoder", dtype, to=sharded)
+        if fsdp:
+            options.shard(self.text_encoder, "encoder.block")
         self.vae_dtype = options.vae_dtype or dtype
         self.vae = build(WanVAE, WanVAEConfig, "vae", self.vae_dtype)
         experts = ["transformer"] + (["transformer_2"] if index.get("transformer_2", [None])[0] else [])
         self.transformers = [
-            build(WanTransformer, WanTransformerConfig, experts[0], dtype, options.linear_format)
+            build(WanTransformer, WanTransformerConfig, experts[0], dtype, options.linear_format, to=sharded)
         ]
-        fsdp = options.parallel is not None and options.parallel.fsdp
         if fsdp:  # shard the first expert before the second one is loaded beside it
             options.install(self.transformers[0], entry.alias if entry else None)
         self.park_experts = False
@@ -122,7 +127,7 @@ class WanPipeline:
                 self.park_experts = (
                     not fsdp and not options.offload and not _fits_beside(self.transformers[0], device)
                 )
-            to = torch.device("cpu") if self.park_experts else host
+            to = torch.device("cpu") if self.park_experts else sharded
             self.transformers.append(
                 build(WanTransformer, WanTransformerConfig, experts[1], dtype, options.linear_format, to=to)
             )
