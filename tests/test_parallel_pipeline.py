@@ -58,9 +58,16 @@ MODES = {
         "two_experts_cfg2_ulysses2": ("a14b", dict(cfg=2, ulysses=2)),
         "fsdp_dp2_ring2": ("t2v", dict(dp=2, ring=2, fsdp=True)),
     },
+    # Eight ranks, the layouts of the 8-GPU runs (issue 10): 2 heads padded to 8, 45 tokens over 8 shards.
+    8: {
+        "ulysses8": ("t2v", dict(ulysses=8)),
+        "ring8": ("t2v", dict(ring=8)),
+        "cfg2_ulysses4": ("t2v", dict(cfg=2, ulysses=4)),
+        "cfg2_ring2_ulysses2": ("t2v", dict(cfg=2, ring=2, ulysses=2)),
+    },
 }
 # Latent rows per VAE case: uneven over 2 and 4 ranks, and one rank-sized stripe of a single row.
-VAE_ROWS = {2: (7,), 4: (7, 4)}
+VAE_ROWS = {2: (7,), 4: (7, 4), 8: (9,)}
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +169,11 @@ def world4(setup):
     return _spawn(4, setup)
 
 
+@pytest.fixture(scope="module")
+def world8(setup):
+    return _spawn(8, setup)
+
+
 def _cases(world: int) -> list[str]:
     cases = [f"{mode}/{what}" for mode in MODES[world] for what in ("frames", "latents")]
     return cases + [f"vae_rows{rows}{v}" for rows in VAE_ROWS[world] for v in ("", "_channels_last")]
@@ -184,6 +196,11 @@ def test_two_processes_match_one(world2, case):
 @pytest.mark.parametrize("case", _cases(4))
 def test_four_processes_match_one(world4, case):
     _check(world4, case)
+
+
+@pytest.mark.parametrize("case", _cases(8))
+def test_eight_processes_match_one(world8, case):
+    _check(world8, case)
 
 
 @pytest.mark.parametrize("world", [2, 4])
