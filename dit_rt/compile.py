@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dit_rt.runner import BlockRunner
+from dit_rt.runner import runner_and_blocks
 
 
 @dataclass(frozen=True)
@@ -29,13 +29,6 @@ class CompileOptions:
     fullgraph: bool = True
     dynamic: bool = False
     cuda_graphs: bool = False
-
-
-def _runner_blocks(model: nn.Module) -> tuple[BlockRunner, nn.ModuleList]:
-    runner, blocks = getattr(model, "runner", None), getattr(model, "blocks", None)
-    if not isinstance(runner, BlockRunner) or not isinstance(blocks, nn.ModuleList):
-        raise TypeError(f"{type(model).__name__} needs a BlockRunner `runner` and a ModuleList `blocks`")
-    return runner, blocks
 
 
 def apply_compile(
@@ -54,7 +47,7 @@ def apply_compile(
     """
     from dit_rt.offload import BlockOffload
 
-    runner, blocks = _runner_blocks(model)
+    runner, blocks = runner_and_blocks(model)
     if cuda_graphs and any(isinstance(h, BlockOffload) for h in runner.block_hooks):
         raise ValueError("compile with CUDA graphs cannot be combined with offload='block' (weights move)")
     if cuda_graphs and mode is None:
@@ -68,7 +61,7 @@ def apply_compile(
 
 def remove_compile(model: nn.Module) -> None:
     """Back to eager blocks."""
-    runner, blocks = _runner_blocks(model)
+    runner, blocks = runner_and_blocks(model)
     for block in blocks:
         block._compiled_call_impl = None
     runner.compile_options = None

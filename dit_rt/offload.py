@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dit_rt.runner import BlockRunner
+from dit_rt.runner import runner_and_blocks
 
 ALIGN = 256  # byte alignment of every tensor in a packed buffer (any dtype view; aligned GEMM operands)
 OFFLOAD_MODES = ("block", "model")
@@ -239,13 +239,6 @@ class BlockOffload:
             s.owner = None
 
 
-def _blocks(model: nn.Module) -> tuple[BlockRunner, nn.ModuleList]:
-    runner, blocks = getattr(model, "runner", None), getattr(model, "blocks", None)
-    if not isinstance(runner, BlockRunner) or not isinstance(blocks, nn.ModuleList):
-        raise TypeError(f"{type(model).__name__} needs a BlockRunner `runner` and a ModuleList `blocks`")
-    return runner, blocks
-
-
 def apply_offload(
     model: nn.Module,
     mode: str = "block",
@@ -267,7 +260,7 @@ def apply_offload(
         offload = ComponentOffload(device, pin=pin)
         offload.add(model)
         return offload
-    runner, blocks = _blocks(model)
+    runner, blocks = runner_and_blocks(model)
     if any(isinstance(h, BlockOffload) for h in runner.block_hooks):
         raise RuntimeError(f"{type(model).__name__} already has block offload")
     compiled = getattr(runner, "compile_options", None)

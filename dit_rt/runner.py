@@ -73,3 +73,11 @@ class BlockRunner(nn.Module):
             for h in reversed(hooks):
                 h.after_block(blocks, i)
         return x
+
+
+def runner_and_blocks(model: nn.Module) -> tuple[BlockRunner, nn.ModuleList]:
+    """A model's block seam: its `runner` (a BlockRunner) and the ModuleList `blocks` it runs."""
+    runner, blocks = getattr(model, "runner", None), getattr(model, "blocks", None)
+    if not isinstance(runner, BlockRunner) or not isinstance(blocks, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__} needs a BlockRunner `runner` and a ModuleList `blocks`")
+    return runner, blocks
