@@ -142,9 +142,11 @@ class RuntimeOptions:
         return None if self.linear == "default" else self.linear
 
     def install(self, model: torch.nn.Module, alias: str | None = None) -> None:
-        """Apply the attention backend (resolved once, logged once) to a built transformer, then the
-        parallel modes: sequence parallelism per the model's `sequence_plan` (Ulysses / Ring ops wrapping
-        that backend) when ulysses x ring > 1, and FSDP2 over every rank's blocks when fsdp."""
+        """Apply the runtime options to a built transformer, in this order: the attention backend
+        (resolved once, logged once); sequence parallelism per the model's `sequence_plan` (Ulysses / Ring
+        ops wrapping that backend) when ulysses x ring > 1; FSDP2 over every rank's blocks when fsdp;
+        per-block torch.compile; block offload; the step cache (`alias` picks TeaCache's published
+        coefficients), whose skip decision is all-reduced over the sequence group."""
         from dit_rt.ops.attention import set_attention
         from dit_rt.parallel import SequenceParallel
 
