@@ -1,4 +1,5 @@
-"""`import dit_rt` stays lean: no optional kernel package, no reference library, no CUDA initialisation."""
+"""`import dit_rt` (and its model, pipeline, parallel, cache and offload modules) stays lean: no optional
+kernel package, no reference library, no CUDA initialisation."""
 
 import subprocess
 import sys
@@ -19,6 +20,8 @@ PROBE = f"""
 import sys, torch
 before = set(sys.modules)  # whatever torch itself imports is not ours to judge
 import dit_rt, dit_rt.ops, dit_rt.runner
+import dit_rt.models.wan, dit_rt.models.text, dit_rt.pipelines.wan
+import dit_rt.parallel, dit_rt.cache, dit_rt.offload
 loaded = [m for m in {FORBIDDEN!r} if m in sys.modules and m not in before]
 assert not loaded, f"import dit_rt pulled in optional packages: {{loaded}}"
 assert not torch.cuda.is_initialized(), "import dit_rt initialised CUDA"
