@@ -19,36 +19,22 @@ import torch
 
 from dit_rt.demo import checkpoint_state
 
-WAN = dict(
-    patch_size=[1, 2, 2],
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    image_dim=None,
-    added_kv_proj_dim=None,
-    rope_max_seq_len=1024,
-    pos_embed_seq_len=None,
-    attention_head_dim=128,
-)
+
+def _hub_config(preset: str) -> dict:
+    """A catalog preset as the Hub `transformer/config.json` keys (what both sides are built from)."""
+    import dataclasses
+
+    from dit_rt.models.wan import WAN_TRANSFORMER_PRESETS
+
+    config = dataclasses.asdict(WAN_TRANSFORMER_PRESETS[preset])
+    config.pop("dim")  # derived, not a config key
+    return config
+
+
 MODELS = {
-    "1.3b": (dict(WAN, num_attention_heads=12, ffn_dim=8960, num_layers=30), (480, 832, 81)),
-    "14b": (dict(WAN, num_attention_heads=40, ffn_dim=13824, num_layers=40), (720, 1280, 81)),
-    "i2v-14b": (
-        dict(
-            WAN,
-            num_attention_heads=40,
-            ffn_dim=13824,
-            num_layers=40,
-            in_channels=36,
-            image_dim=1280,
-            added_kv_proj_dim=5120,
-        ),
-        (480, 832, 81),
-    ),
+    "1.3b": (_hub_config("wan2.1-t2v-1.3b"), (480, 832, 81)),
+    "14b": (_hub_config("wan2.1-t2v-14b"), (720, 1280, 81)),
+    "i2v-14b": (_hub_config("wan2.1-i2v-14b"), (480, 832, 81)),
 }
 VAE = dict(
     base_dim=96,
