@@ -18,6 +18,7 @@ import time
 import torch
 
 from dit_rt.demo import checkpoint_state
+from dit_rt.pipeline import guide
 
 
 def _hub_config(preset: str) -> dict:
@@ -86,7 +87,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def bench_transformer(name: str, attention: str, warmup: int, iters: int, linear: str | None = None) -> dict:
+def bench_transformer(
+    name: str, attention: str, warmup: int, iters: int, linear: str | None = None, cfg_step: bool = False
+) -> dict:
     from diffusers import WanTransformer3DModel
 
     from dit_rt.models.wan import WanTransformer, WanTransformerConfig
@@ -143,6 +146,13 @@ def bench_transformer(name: str, attention: str, warmup: int, iters: int, linear
             fast_rel_err_vs_exact=rel(fast_out.float().cpu(), out_ours),
         )
         fast_out = None
+        if cfg_step:  # one full denoising step with guidance: two forwards + the guided combination
+            uncond = ctx.flip(1)  # a different context of the same shape stands in for the negative prompt
+            uncond_run = (
+                (lambda: ours(x, t, uncond, img)) if img is not None else (lambda: ours(x, t, uncond))
+            )
+            with torch.no_grad():
+                fast["fast_cfg_step_ms"], _ = timed(lambda: guide(uncond_run(), run(), 5.0), 1, iters)
     ours = out = None
     fresh()
 
@@ -233,6 +243,9 @@ def main():
     p.add_argument("--attention", default="sdpa")
     p.add_argument("--vae", action="store_true")
     p.add_argument("--fast-linear", help="also time the fast mode: this linear format + fa3-fp8 attention")
+    p.add_argument(
+        "--cfg-step", action="store_true", help="with --fast-linear: a full guided step in fast mode"
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--out")
@@ -241,7 +254,7 @@ def main():
     for name in filter(None, a.models.split(",")):
         t0 = time.time()
         try:
-            rows.append(bench_transformer(name, a.attention, a.warmup, a.iters, a.fast_linear))
+            rows.append(bench_transformer(name, a.attention, a.warmup, a.iters, a.fast_linear, a.cfg_step))
         except Exception as e:  # one failing case must not hide the others
             rows.append(dict(model=name, error=f"{type(e).__name__}: {e}"))
         print(json.dumps(rows[-1]), f"({time.time() - t0:.0f}s)", flush=True)
@@ -270,6 +283,8 @@ def main():
                 f"| {r['fast_peak_gib']:.1f} / - "
                 f"| {r['fast_rel_err_vs_exact']:.1e} vs exact |"
             )
+        if "fast_cfg_step_ms" in r:
+            print(f"| {r['model']} fast, one guided step | {r['fast_cfg_step_ms']:.0f} | | | | | |")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)
