@@ -86,6 +86,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
         num_frames=a.frames,
         num_inference_steps=a.steps,
         guidance_scale=a.guidance,
+        guidance_scale_2=a.guidance_2,
+        flow_shift=a.flow_shift,
         seed=a.seed,
     )
     if a.image is not None:
@@ -175,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frames", type=int)
     g.add_argument("--steps", type=int)
     g.add_argument("--guidance", type=float)
+    g.add_argument("--guidance-2", type=float, help="Wan 2.2 A14B: guidance of the low-noise expert")
+    g.add_argument("--flow-shift", type=float, help="override the scheduler's flow shift")
     g.add_argument("--seed", type=int)
     g.add_argument("--fps", type=int)
     g.add_argument("--image", help="conditioning image for image-to-video models")

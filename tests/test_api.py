@@ -155,7 +155,7 @@ def test_cli_generate_and_info(tiny, tmp_path):
     out = _cli("generate", *common, "-o", str(gif))
     assert out.returncode == 0, out.stderr
     assert gif.read_bytes()[:6] == b"GIF89a"
-    out = _cli("generate", *common, "-o", str(mp4))
+    out = _cli("generate", *common, "--guidance-2", "3", "--flow-shift", "4", "-o", str(mp4))
     assert out.returncode == 0, out.stderr
     assert mp4.read_bytes()[4:8] == b"ftyp"
     info = _cli("info", str(tiny))
