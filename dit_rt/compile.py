@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from dit_rt.runner import runner_and_blocks
@@ -69,8 +68,3 @@ def remove_compile(model: nn.Module) -> None:
 
 def compile_options(model: nn.Module) -> CompileOptions | None:
     return getattr(getattr(model, "runner", None), "compile_options", None)
-
-
-def reset_compile_caches() -> None:
-    """Forget compiled graphs (tests and benchmarks that time a fresh compilation)."""
-    torch._dynamo.reset()

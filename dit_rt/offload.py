@@ -226,10 +226,6 @@ class BlockOffload:
             return
         self.where[i].free.record(self._compute_stream())
 
-    def device_blocks(self) -> list[int]:
-        """Blocks whose weights are on the device now: the resident ones and the slot owners."""
-        return sorted([*range(self.resident), *self.where])
-
     def detach(self) -> None:
         """Bring every streamed block back to its host copy (slots stay allocated until dropped)."""
         for j in list(self.where):
