@@ -27,6 +27,7 @@ import torch
 from dit_rt.compile import apply_compile, remove_compile
 from dit_rt.models.wan import WanTransformer, WanTransformerConfig
 from dit_rt.offload import BlockOffload, apply_offload
+from dit_rt.ops import quantize_
 from dit_rt.ops.attention import set_attention
 
 LATENT = (21, 60, 104)  # 480x832x81 through the Wan VAE (4x temporal, 8x spatial)
@@ -139,9 +140,12 @@ def bench_compile(args, device, dtype) -> list[dict]:
     latent = (3, 8, 8) if args.preset == "tiny" else LATENT
     model = build(cfg, device, dtype)
     set_attention(model, args.attention)
+    if args.linear:  # compile over quantized block linears (the fast mode)
+        quantize_(model.blocks, args.linear)
     inputs = make_inputs(cfg, latent, device, dtype)
     eager = measure(model, inputs, device, args.iters)
-    rows = [{"run": "eager", "model": args.preset, **eager}]
+    label = f"{args.preset} {args.attention}" + (f" {args.linear}" if args.linear else "")
+    rows = [{"run": "eager", "model": label, **eager}]
     print(json.dumps(rows[-1]), flush=True)
     variants = [("compile", dict())] + (
         [("compile+cudagraphs", dict(cuda_graphs=True))] if args.cuda_graphs else []
@@ -155,7 +159,7 @@ def bench_compile(args, device, dtype) -> list[dict]:
         r = measure(model, inputs, device, args.iters)
         r.update(
             run=name,
-            model=args.preset,
+            model=label,
             compile_s=first - eager["step_s"],
             speedup=eager["step_s"] / r["step_s"],
         )
@@ -185,6 +189,7 @@ def main():
     )
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--cuda-graphs", action="store_true")
+    ap.add_argument("--linear", default=None, help="compile part: convert the block linears to this format")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device, dtype = torch.device(args.device), torch.bfloat16

@@ -82,17 +82,47 @@ def fresh():
     torch.cuda.reset_peak_memory_stats()
 
 
+def profile(fn, label: str, rows: int = 25) -> None:
+    """Print the CUDA kernels of one call of fn, by total GPU time (where a forward's time goes)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(f"--- {label}: kernels by GPU time", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90))
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     return ((a - b).norm() / b.norm()).item()
 
 
+def parse_fast(spec: str) -> tuple[str, tuple[str, ...], str]:
+    """A fast-mode variant "LINEAR[@LAYER/LAYER...]+ATTENTION" -> (format, layer name parts, attention).
+
+    LINEAR is a linear format or "bf16" (none); LAYERs restrict it to block linears whose names contain one
+    of them (e.g. "ffn/to_qkv"); ATTENTION defaults to fa3-fp8. "fp8-per-tensor" = every block linear.
+    """
+    linear, _, attention = spec.partition("+")
+    linear, _, layers = linear.partition("@")
+    return linear, tuple(filter(None, layers.split("/"))), attention or "fa3-fp8"
+
+
 def bench_transformer(
-    name: str, attention: str, warmup: int, iters: int, linear: str | None = None, cfg_step: bool = False
+    name: str,
+    attention: str,
+    warmup: int,
+    iters: int,
+    variants: list[str] = (),
+    cfg_step: bool = False,
+    show_profile: bool = False,
 ) -> dict:
     from diffusers import WanTransformer3DModel
 
     from dit_rt.models.wan import WanTransformer, WanTransformerConfig
+    from dit_rt.ops import quantize_
     from dit_rt.ops.attention import set_attention
 
     config, (h, w, f) = MODELS[name]
@@ -104,18 +134,23 @@ def bench_transformer(
     ctx = torch.randn(1, 512, 4096, generator=g, device=dev).to(dt)
     img = torch.randn(1, 257, 1280, generator=g, device=dev).to(dt) if config["image_dim"] else None
 
+    def build(attn: str) -> WanTransformer:
+        """Same random weights every time (fixed seed); bf16, keep_fp32 parameters in fp32 as loaded."""
+        torch.set_default_dtype(dt)
+        try:
+            with torch.device(dev):
+                model = WanTransformer(WanTransformerConfig.from_config(config)).eval()
+        finally:
+            torch.set_default_dtype(torch.float32)
+        for pname, p in model.named_parameters():
+            if any(k in pname for k in model.keep_fp32):
+                p.data = p.data.float()
+        randomize_(model)
+        set_attention(model, attn, device=dev, dtype=dt)
+        return model
+
     fresh()
-    torch.set_default_dtype(dt)  # build in bf16, then keep_fp32 parameters in fp32, as the loader leaves them
-    try:
-        with torch.device(dev):
-            ours = WanTransformer(WanTransformerConfig.from_config(config)).eval()
-    finally:
-        torch.set_default_dtype(torch.float32)
-    for pname, p in ours.named_parameters():
-        if any(k in pname for k in ours.keep_fp32):
-            p.data = p.data.float()
-    randomize_(ours)
-    set_attention(ours, attention, device=dev, dtype=dt)
+    ours = build(attention)
     weights = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()  # peaks below: weights + one forward's activations
     tokens = lat[2] * (lat[3] // 2) * (lat[4] // 2)
@@ -127,32 +162,46 @@ def bench_transformer(
     with torch.no_grad():
         ms, out = timed(run, warmup, iters)
     ours_peak = torch.cuda.max_memory_allocated()
+    if show_profile:
+        with torch.no_grad():
+            profile(run, f"{name} exact ({attention})")
     out_ours = out.float().cpu()
     state = {k: v.cpu() for k, v in checkpoint_state(ours).items()}
-    fast = {}
-    if linear:  # "fast" mode: fp8 block linears + fp8 attention, compared with the exact output above
-        from dit_rt.ops import quantize_
+    ours = out = None
 
-        out = None
-        quantize_(ours.blocks, linear)
-        set_attention(ours, "fa3-fp8", device=dev, dtype=dt)
+    def fast_variant(spec: str, with_step: bool) -> dict:
+        linear, layers, fast_attention = parse_fast(spec)
+        fresh()
+        model = build(fast_attention)
+        if linear != "bf16":
+            quantize_(
+                model.blocks, linear, filter=(lambda n, m: any(p in n for p in layers)) if layers else None
+            )
+
+        def forward(c=ctx):
+            return model(x, t, c, img) if img is not None else model(x, t, c)
+
         torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
-            fast_ms, fast_out = timed(run, warmup, iters)
-        fast = dict(
-            fast_linear=linear,
-            fast_ms=fast_ms,
-            fast_peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-            fast_rel_err_vs_exact=rel(fast_out.float().cpu(), out_ours),
+            fast_ms, fast_out = timed(forward, warmup, iters)
+            if show_profile:
+                profile(forward, f"{name} fast {spec}")
+        row = dict(
+            spec=spec,
+            ms=fast_ms,
+            ratio_to_exact=fast_ms / ms,
+            peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+            rel_err_vs_exact=rel(fast_out.float().cpu(), out_ours),
         )
         fast_out = None
-        if cfg_step:  # one full denoising step with guidance: two forwards + the guided combination
+        if with_step:  # one full denoising step with guidance: two forwards + the guided combination
             uncond = ctx.flip(1)  # a different context of the same shape stands in for the negative prompt
-            uncond_run = (
-                (lambda: ours(x, t, uncond, img)) if img is not None else (lambda: ours(x, t, uncond))
-            )
             with torch.no_grad():
-                fast["fast_cfg_step_ms"], _ = timed(lambda: guide(uncond_run(), run(), 5.0), 1, iters)
+                row["cfg_step_ms"], _ = timed(lambda: guide(forward(uncond), forward(), 5.0), 1, iters)
+        print(json.dumps(row), flush=True)
+        return row
+
+    fast = [fast_variant(spec, cfg_step and i == 0) for i, spec in enumerate(variants)]
     ours = out = None
     fresh()
 
@@ -186,7 +235,7 @@ def bench_transformer(
         diffusers_peak_gib=ref_peak / 2**30,
         weights_gib=weights / 2**30,
         rel_err_vs_diffusers=err,
-        **fast,
+        fast=fast,
     )
 
 
@@ -244,17 +293,25 @@ def main():
     p.add_argument("--vae", action="store_true")
     p.add_argument("--fast-linear", help="also time the fast mode: this linear format + fa3-fp8 attention")
     p.add_argument(
-        "--cfg-step", action="store_true", help="with --fast-linear: a full guided step in fast mode"
+        "--fast",
+        default="",
+        help="comma-separated fast variants LINEAR[@LAYER/...]+ATTENTION, e.g. fp8-rowwise@ffn+fa3-fp8",
     )
+    p.add_argument("--cfg-step", action="store_true", help="a full guided step with the first fast variant")
+    p.add_argument("--profile", action="store_true", help="print dit_rt's kernels by GPU time per mode")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--out")
     a = p.parse_args()
+    variants = [f"{a.fast_linear}+fa3-fp8"] if a.fast_linear else []
+    variants += list(filter(None, a.fast.split(",")))
     rows = []
     for name in filter(None, a.models.split(",")):
         t0 = time.time()
         try:
-            rows.append(bench_transformer(name, a.attention, a.warmup, a.iters, a.fast_linear, a.cfg_step))
+            rows.append(
+                bench_transformer(name, a.attention, a.warmup, a.iters, variants, a.cfg_step, a.profile)
+            )
         except Exception as e:  # one failing case must not hide the others
             rows.append(dict(model=name, error=f"{type(e).__name__}: {e}"))
         print(json.dumps(rows[-1]), f"({time.time() - t0:.0f}s)", flush=True)
@@ -276,15 +333,13 @@ def main():
             f"| {r['model']} | {r['ms']:.0f} | {r['diffusers_ms']:.0f} | {r['ratio']:.2f} | {tf} | "
             f"{r['peak_gib']:.1f} / {r['diffusers_peak_gib']:.1f} | {r['rel_err_vs_diffusers']:.1e} |"
         )
-        if "fast_ms" in r:
+        for v in r["fast"]:
+            step = f" (guided step {v['cfg_step_ms']:.0f} ms)" if "cfg_step_ms" in v else ""
             print(
-                f"| {r['model']} fast ({r['fast_linear']} + fa3-fp8) | {r['fast_ms']:.0f} "
-                f"| {r['diffusers_ms']:.0f} | {r['fast_ms'] / r['diffusers_ms']:.2f} | - "
-                f"| {r['fast_peak_gib']:.1f} / - "
-                f"| {r['fast_rel_err_vs_exact']:.1e} vs exact |"
+                f"| {r['model']} fast {v['spec']}{step} | {v['ms']:.0f} | {r['diffusers_ms']:.0f} "
+                f"| {v['ms'] / r['diffusers_ms']:.2f} | - | {v['peak_gib']:.1f} / - "
+                f"| {v['rel_err_vs_exact']:.1e} vs exact |"
             )
-        if "fast_cfg_step_ms" in r:
-            print(f"| {r['model']} fast, one guided step | {r['fast_cfg_step_ms']:.0f} | | | | | |")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)
