@@ -27,7 +27,7 @@ def load(model: str, *, revision: str | None = None, **options):
     """Build a pipeline from a catalog alias, a Hub repo id or a local folder in the Hub Diffusers layout.
 
     Runtime options (`device`, `dtype`, `attention`, `linear`, `vae_dtype`, `parallel`, `cache`, `offload`,
-    `compile`) are validated before any file is read; see README.md for each.
+    `compile`, `cuda_graphs`) are validated before any file is read; see README.md for each.
     """
     import importlib
 

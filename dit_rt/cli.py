@@ -31,6 +31,7 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-threshold", type=float, help="step cache threshold")
     p.add_argument("--offload", choices=["block", "model"], help="CPU offload mode")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the block stack from CUDA graphs")
     for degree in ("dp", "cfg", "ulysses", "ring"):
         p.add_argument(f"--{degree}", type=int, default=1, help=f"{degree} parallel degree (under torchrun)")
     p.add_argument("--fsdp", action="store_true", help="shard the transformer with FSDP2")
@@ -58,6 +59,7 @@ def _runtime_options(a: argparse.Namespace) -> dict:
         cache=cache,
         offload=a.offload,
         compile=a.compile,
+        cuda_graphs=a.cuda_graphs,
     )
     for key in ("device", "dtype", "vae_dtype"):
         if getattr(a, key) is not None:

@@ -8,8 +8,9 @@ built-in nn modules), so one compilation serves every block and every expert of 
 
 Attention backends stay traceable: sdpa is a PyTorch op and the kernel backends are `torch.library`
 custom ops with fake implementations; quantized linears compile through their emulated or custom-op paths.
-CUDA graphs (`cuda_graphs=True`, inductor's "reduce-overhead") need static shapes and fixed weight
-addresses, so they are refused together with block offload, whose weights move between buffers.
+CUDA graphs are not inductor's per-function "reduce-overhead" mode here (its graph trees cannot chain the
+outputs of one compiled function called 30 times with different weights): `cuda_graphs=True` records the
+whole block loop instead (`dit_rt.graphs`), over the compiled blocks.
 """
 
 from __future__ import annotations
@@ -42,15 +43,13 @@ def apply_compile(
     """Compile every block of `model` in place; compilation itself happens at the first forward.
 
     dynamic=False: one graph per input shape (a generation keeps its shapes; a new resolution recompiles).
-    cuda_graphs=True selects inductor's "reduce-overhead" mode (CUDA graph trees) unless `mode` is given.
+    cuda_graphs=True also replays the whole block loop from CUDA graphs (dit_rt.graphs.apply_cuda_graphs).
     """
-    from dit_rt.offload import BlockOffload
-
     runner, blocks = runner_and_blocks(model)
-    if cuda_graphs and any(isinstance(h, BlockOffload) for h in runner.block_hooks):
-        raise ValueError("compile with CUDA graphs cannot be combined with offload='block' (weights move)")
-    if cuda_graphs and mode is None:
-        mode = "reduce-overhead"
+    if cuda_graphs:
+        from dit_rt.graphs import apply_cuda_graphs
+
+        apply_cuda_graphs(model)  # refused (before anything is compiled) with block offload
     opts = CompileOptions(backend, mode, fullgraph, dynamic, cuda_graphs)
     for block in blocks:
         block.compile(backend=backend, mode=mode, fullgraph=fullgraph, dynamic=dynamic)
@@ -63,6 +62,9 @@ def remove_compile(model: nn.Module) -> None:
     runner, blocks = runner_and_blocks(model)
     for block in blocks:
         block._compiled_call_impl = None
+    opts = getattr(runner, "compile_options", None)
+    if opts is not None and opts.cuda_graphs:
+        runner.graphs = None
     runner.compile_options = None
 
 

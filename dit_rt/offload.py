@@ -259,9 +259,8 @@ def apply_offload(
     runner, blocks = runner_and_blocks(model)
     if any(isinstance(h, BlockOffload) for h in runner.block_hooks):
         raise RuntimeError(f"{type(model).__name__} already has block offload")
-    compiled = getattr(runner, "compile_options", None)
-    if compiled is not None and compiled.cuda_graphs:
-        raise ValueError("offload='block' cannot be combined with CUDA-graph compilation (weights move)")
+    if runner.graphs is not None:
+        raise ValueError("offload='block' cannot be combined with CUDA graphs (weights move between blocks)")
     hook = BlockOffload(blocks, device, resident=resident, buffers=buffers, pin=pin)
     # The rest of the model (embedders, head, modulation tables) is small: it goes to the device for good.
     block_ids = {id(t) for t in [*blocks.parameters(), *blocks.buffers()]}

@@ -9,7 +9,8 @@ each other:
 - any number of *block hooks* (offload) are told before and after each block that actually runs.
 
 Per-block compilation needs no hook: `dit_rt.compile` compiles each block module in place, and the runner
-calls the blocks as usual. With no hooks the runner is exactly the plain loop.
+calls the blocks as usual. CUDA graphs (`dit_rt.graphs`) replace the loop of a `run` call by a replay
+when no block hook needs to run between blocks. With none of these the runner is exactly the plain loop.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class BlockRunner(nn.Module):
         super().__init__()
         self.stack_hook: StackHook | None = None
         self.block_hooks: list[BlockHook] = []
+        self.graphs = None  # a dit_rt.graphs.StackGraphs, or None
 
     def forward(self, blocks: nn.ModuleList, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.stack_hook is not None:
@@ -54,6 +56,21 @@ class BlockRunner(nn.Module):
         return self.run(blocks, x, args, kwargs)
 
     def run(
+        self,
+        blocks: nn.ModuleList,
+        x: torch.Tensor,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> torch.Tensor:
+        """blocks[start:stop] on x: a CUDA graph replay where graphs are on, else the plain loop."""
+        kwargs = kwargs or {}
+        if self.graphs is not None and not self.block_hooks:
+            return self.graphs.run(self, blocks, x, args, kwargs, start, stop)
+        return self.loop(blocks, x, args, kwargs, start, stop)
+
+    def loop(
         self,
         blocks: nn.ModuleList,
         x: torch.Tensor,

@@ -42,6 +42,7 @@ class RuntimeOptions:
     cache: dict | None = None
     offload: str | None = None
     compile: bool = False
+    cuda_graphs: bool = False
     # Built from `parallel`: the device mesh, and what `install` applied to each model (kept for remove()).
     mesh: ParallelMesh = field(default_factory=lambda: ParallelMesh(ParallelConfig()))
     installed: list = field(default_factory=list)
@@ -61,6 +62,7 @@ class RuntimeOptions:
         cache=None,
         offload=None,
         compile=False,
+        cuda_graphs=False,
     ) -> RuntimeOptions:
         """Check every option before anything heavy happens; errors name the valid choices.
 
@@ -99,10 +101,21 @@ class RuntimeOptions:
             raise ValueError(f"offload={offload!r} is unknown; choose one of: {', '.join(OFFLOAD_MODES)}")
         if compile not in (True, False):
             raise ValueError(f"compile must be True or False, got {compile!r}")
-        if parallel and (offload or compile):
+        if cuda_graphs not in (True, False):
+            raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        if cuda_graphs and device.type != "cuda":
+            raise ValueError(
+                f"cuda_graphs=True needs device='cuda' (got device='{device}'); drop cuda_graphs"
+            )
+        if cuda_graphs and offload:
+            # Graphs replay fixed weight addresses; offload moves the weights at every block or every use.
+            raise ValueError(
+                f"cuda_graphs=True cannot be combined with offload={offload!r}; drop one of them"
+            )
+        if parallel and (offload or compile or cuda_graphs):
             # Not yet proven together (offload streams weights that FSDP would shard; compiled blocks would
             # trace the Ulysses / Ring collectives): refuse rather than run something untested.
-            what = "offload=" if offload else "compile=True"
+            what = "offload=" if offload else "compile=True" if compile else "cuda_graphs=True"
             raise ValueError(f"{what} cannot be combined with parallel= in this version; drop one of them")
         if offload and park_experts:
             raise ValueError(
@@ -134,6 +147,7 @@ class RuntimeOptions:
             cache,
             offload,
             compile,
+            cuda_graphs,
             mesh,
         )
 
@@ -145,8 +159,9 @@ class RuntimeOptions:
         """Apply the runtime options to a built transformer, in this order: the attention backend
         (resolved once, logged once); sequence parallelism per the model's `sequence_plan` (Ulysses / Ring
         ops wrapping that backend) when ulysses x ring > 1; FSDP2 over every rank's blocks when fsdp;
-        per-block torch.compile; block offload; the step cache (`alias` picks TeaCache's published
-        coefficients), whose skip decision is all-reduced over the sequence group."""
+        per-block torch.compile; CUDA graphs of the block stack; block offload; the step cache (`alias`
+        picks TeaCache's published coefficients), whose skip decision is all-reduced over the sequence
+        group."""
         from dit_rt.ops.attention import set_attention
         from dit_rt.parallel import SequenceParallel
 
@@ -159,6 +174,10 @@ class RuntimeOptions:
             from dit_rt.compile import apply_compile
 
             apply_compile(model)
+        if self.cuda_graphs:
+            from dit_rt.graphs import apply_cuda_graphs
+
+            apply_cuda_graphs(model)
         if self.offload == "block":
             from dit_rt.offload import apply_offload
 

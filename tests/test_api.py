@@ -65,6 +65,7 @@ def test_unimplemented_families_say_so(alias):
         (dict(linear="int3"), "linear='int3' is unknown; choose one of: .*fp8-per-tensor"),
         (dict(dtype="float64"), "dtype='float64' is not supported"),
         (dict(compile="yes"), "compile must be True or False"),
+        (dict(cuda_graphs=True), "cuda_graphs=True needs device='cuda'"),
     ],
 )
 def test_bad_runtime_options_fail_before_loading(options, match):
@@ -179,6 +180,10 @@ def test_cli_generate_and_info(tiny, tmp_path):
             "attention='zzz'",
         ),
         (["info", "/nonexistent"], "no model_index.json"),
+        (
+            ["generate", "--model", "x", "--prompt", "x", "-o", "x.png", "--device", "cpu", "--cuda-graphs"],
+            "cuda_graphs=True needs device='cuda'",
+        ),
     ],
 )
 def test_cli_bad_input_is_one_line_error(args, match):

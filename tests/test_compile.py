@@ -79,11 +79,14 @@ def test_remove_compile_and_cuda_graph_offload_conflict(reference):
     apply_compile(model, backend="aot_eager")
     remove_compile(model)
     assert compiled_blocks(model) == 0 and compile_options(model) is None
-    apply_compile(model, backend="aot_eager", cuda_graphs=True)
-    assert compile_options(model).mode == "reduce-overhead"
-    with pytest.raises(ValueError, match="CUDA-graph"):
+    apply_compile(model, backend="aot_eager", cuda_graphs=True)  # the block loop replayed from graphs
+    assert compile_options(model).cuda_graphs and model.runner.graphs is not None
+    with pytest.raises(ValueError, match="CUDA graphs"):
         apply_offload(model, "block", device="cpu")
+    remove_compile(model)
+    assert model.runner.graphs is None
     other = from_reference(reference)
     apply_offload(other, "block", device="cpu")
-    with pytest.raises(ValueError, match="CUDA graphs"):
+    with pytest.raises(ValueError, match="offload='block'"):
         apply_compile(other, backend="aot_eager", cuda_graphs=True)
+    assert compiled_blocks(other) == 0  # refused before anything was compiled

@@ -7,7 +7,8 @@ settings: per-forward time (median of --iters after a warm-up) and peak GPU memo
 
 Part 2 (compile): Wan2.1-1.3B at 480p (same token count): eager vs apply_compile (inductor, per block):
 compile time (the first call minus an eager call) and the steady-state speedup; --cuda-graphs adds a
-"reduce-overhead" run.
+run with the block loop replayed from CUDA graphs (dit_rt.graphs), eager and compiled; --latents adds smaller
+latents, where launch overhead weighs more.
 
     python tools/bench_offload.py --out bench_offload.json            # both parts, ~5 minutes on an H100
     python tools/bench_offload.py --parts compile --cuda-graphs
@@ -17,6 +18,7 @@ compile time (the first call minus an eager call) and the steady-state speedup; 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import statistics
@@ -25,6 +27,7 @@ import time
 import torch
 
 from dit_rt.compile import apply_compile, remove_compile
+from dit_rt.graphs import apply_cuda_graphs, remove_cuda_graphs
 from dit_rt.models.wan import WanTransformer, WanTransformerConfig
 from dit_rt.offload import BlockOffload, apply_offload
 from dit_rt.ops import quantize_
@@ -135,42 +138,74 @@ def bench_offload(args, device, dtype) -> list[dict]:
     return rows
 
 
+def profile_top(model, inputs, label: str, rows: int = 12) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(*inputs)
+        torch.cuda.synchronize()
+    print(f"--- {label}: kernels by GPU time", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=80))
+
+
 def bench_compile(args, device, dtype) -> list[dict]:
+    """Per latent: eager, then each variant on the same model; outputs compared with eager's."""
     cfg = TINY if args.preset == "tiny" else WanTransformerConfig.preset("wan2.1-t2v-1.3b")
-    latent = (3, 8, 8) if args.preset == "tiny" else LATENT
     model = build(cfg, device, dtype)
     set_attention(model, args.attention)
     if args.linear:  # compile over quantized block linears (the fast mode)
         quantize_(model.blocks, args.linear)
-    inputs = make_inputs(cfg, latent, device, dtype)
-    eager = measure(model, inputs, device, args.iters)
-    label = f"{args.preset} {args.attention}" + (f" {args.linear}" if args.linear else "")
-    rows = [{"run": "eager", "model": label, **eager}]
-    print(json.dumps(rows[-1]), flush=True)
-    variants = [("compile", dict())] + (
-        [("compile+cudagraphs", dict(cuda_graphs=True))] if args.cuda_graphs else []
-    )
     backend = "inductor" if device.type == "cuda" else "aot_eager"
-    for name, kw in variants:
-        torch._dynamo.reset()
-        apply_compile(model, backend=backend, **kw)
+    variants = [("compile", dict(compile=True))]
+    if args.cuda_graphs:
+        variants += [
+            ("cuda-graphs", dict(graphs=True)),
+            ("compile+cuda-graphs", dict(compile=True, graphs=True)),
+        ]
+    latents = [(3, 8, 8)] if args.preset == "tiny" else [LATENT]
+    latents += [tuple(int(n) for n in s.split("x")) for s in filter(None, args.latents.split(","))]
+    rows = []
+    for latent in latents:
+        inputs = make_inputs(cfg, latent, device, dtype)
+        tokens = latent[0] * latent[1] * latent[2] // 4
+        label = f"{args.preset} {tokens} tok {args.attention}" + (f" {args.linear}" if args.linear else "")
+        eager = measure(model, inputs, device, args.iters)
         with torch.no_grad():
-            first = timed(lambda: model(*inputs), device)
-        r = measure(model, inputs, device, args.iters)
-        r.update(
-            run=name,
-            model=label,
-            compile_s=first - eager["step_s"],
-            speedup=eager["step_s"] / r["step_s"],
-        )
-        rows.append(r)
-        print(json.dumps(r), flush=True)
-        remove_compile(model)
+            ref = model(*inputs).float()
+        if args.profile and device.type == "cuda":
+            profile_top(model, inputs, f"eager {label}")
+        rows.append({"run": "eager", "model": label, **eager})
+        print(json.dumps(rows[-1]), flush=True)
+        for name, kw in variants:
+            torch._dynamo.reset()
+            if kw.get("compile"):
+                apply_compile(model, backend=backend, cuda_graphs=kw.get("graphs", False))
+            else:
+                apply_cuda_graphs(model)
+            with torch.no_grad():
+                first = timed(functools.partial(model, *inputs), device)
+            r = measure(model, inputs, device, args.iters)
+            with torch.no_grad():
+                out = model(*inputs).float()
+            if args.profile and device.type == "cuda" and name == "compile":
+                profile_top(model, inputs, f"{name} {label}")
+            r.update(
+                run=name,
+                model=label,
+                compile_s=first - eager["step_s"],
+                speedup=eager["step_s"] / r["step_s"],
+                rel_diff_vs_eager=((out - ref).norm() / ref.norm()).item(),
+            )
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            remove_compile(model)
+            remove_cuda_graphs(model)
     return rows
 
 
 def table(rows: list[dict]) -> str:
     cols = ["run", "model", "step_s", "peak_gib", "time_ratio", "memory_ratio", "compile_s", "speedup"]
+    cols += ["rel_diff_vs_eager"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [r.get(c, "") for c in cols]
@@ -188,7 +223,11 @@ def main():
         "--settings", default="0:2,0:3,4:2", help="offload runs as resident:buffers, comma separated"
     )
     ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--cuda-graphs", action="store_true")
+    ap.add_argument("--cuda-graphs", action="store_true", help="compile part: also CUDA graphs, +/- compile")
+    ap.add_argument(
+        "--latents", default="", help="compile part: more latent sizes TxHxW after 21x60x104, e.g. 21x30x52"
+    )
+    ap.add_argument("--profile", action="store_true", help="compile part: kernels of eager and compiled")
     ap.add_argument("--linear", default=None, help="compile part: convert the block linears to this format")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

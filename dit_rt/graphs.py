@@ -1,0 +1,135 @@
+"""CUDA graphs for the block stack: capture the runner's loop once per input signature, then replay it.
+
+A diffusion run calls the same stack of blocks with the same shapes at every step, so the whole loop
+(hundreds of kernels per block) can be recorded once and replayed with one launch. The seam is the
+BlockRunner: `apply_cuda_graphs(model)` gives the runner a StackGraphs, and every `runner.run(...)` call
+(the full stack, or the ranges a step cache asks for) goes through it:
+
+- the key is (start, stop, the tree structure of the inputs, and each leaf: a tensor's shape, dtype,
+  device and strides, or a plain value); a new key captures a new graph (a new resolution, a CFG batch);
+- inputs are copied into the graph's static buffers before each replay, and the output is returned as a
+  fresh copy, so two calls (the two CFG branches) never alias;
+- the block weights' addresses are recorded at capture and checked before each replay: weights that moved
+  (a parked Wan 2.2 expert brought back) make that graph be captured again instead of reading freed memory;
+- eager (no graph) when autograd is on, when the inputs are not on CUDA, or when block hooks (offload)
+  are installed, whose copies must run between blocks.
+
+All graphs of one device share one memory pool: they never run concurrently, and each keeps its static
+inputs and output alive, so only intermediates are shared. Works on eager and on compiled blocks
+(`dit_rt.compile`), with every attention backend and linear format whose kernels do not synchronise with
+the host (all of dit_rt's: scales stay on the device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from dit_rt.runner import BlockRunner, runner_and_blocks
+
+# (fn) -> (replay, output): records fn once; replay() re-runs the recording, rewriting `output` in place.
+Capture = Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
+
+_POOLS: dict[torch.device, object] = {}  # one CUDA graph memory pool per device, shared by every graph
+
+
+def cuda_capture(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+    """Warm fn up once on a side stream (lazy kernel setup must not be recorded), then record it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    device = torch.device("cuda", torch.cuda.current_device())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=_POOLS.get(device)):
+        out = fn()
+    _POOLS[device] = graph.pool()
+    return graph.replay, out
+
+
+def _signature(leaf) -> tuple:
+    if isinstance(leaf, torch.Tensor):
+        return ("tensor", tuple(leaf.shape), leaf.dtype, leaf.device, leaf.stride())
+    return ("value", type(leaf), leaf)  # must be hashable: ints, floats, strings, None
+
+
+@dataclass
+class _Graph:
+    inputs: list[torch.Tensor]  # static buffers, in leaf order
+    replay: Callable[[], None]
+    output: torch.Tensor
+    weights: list[tuple[torch.Tensor, int]]  # (tensor, data_ptr at capture)
+
+    def weights_moved(self) -> bool:
+        return any(t.data_ptr() != ptr for t, ptr in self.weights)
+
+
+class StackGraphs:
+    """The runner's graph cache: `run` has `BlockRunner.run`'s signature and result."""
+
+    def __init__(self, capture: Capture | None = None):
+        self.capture = capture or cuda_capture
+        self.graphs: dict[tuple, _Graph] = {}
+        self.captures = 0  # how many graphs were recorded (recaptures included)
+        self.replays = 0
+
+    def run(self, runner: BlockRunner, blocks: nn.ModuleList, x, args, kwargs, start, stop) -> torch.Tensor:
+        leaves, spec = pytree.tree_flatten((x, args, kwargs))
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+        on_cuda = all(t.is_cuda for t in tensors) or self.capture is not cuda_capture
+        if torch.is_grad_enabled() or not on_cuda:
+            return runner.loop(blocks, x, args, kwargs, start, stop)
+        key = (start, stop, spec, tuple(_signature(leaf) for leaf in leaves))
+        graph = self.graphs.get(key)
+        if graph is not None and graph.weights_moved():
+            del self.graphs[key]  # a parked expert came back at new addresses: record again
+            graph = None
+        if graph is None:
+            graph = self.graphs[key] = self._record(runner, blocks, leaves, spec, start, stop)
+        for buf, t in zip(graph.inputs, tensors):
+            buf.copy_(t)
+        graph.replay()
+        self.replays += 1
+        return graph.output.clone()
+
+    def _record(self, runner, blocks, leaves, spec, start, stop) -> _Graph:
+        static = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        sx, sargs, skwargs = pytree.tree_unflatten(static, spec)
+        stop_ = len(blocks) if stop is None else stop
+        weights = [
+            (t, t.data_ptr())
+            for block in blocks[start:stop_]
+            for t in (*block.parameters(), *block.buffers())
+        ]
+        replay, out = self.capture(lambda: runner.loop(blocks, sx, sargs, skwargs, start, stop))
+        self.captures += 1
+        inputs = [t for t in static if isinstance(t, torch.Tensor)]
+        return _Graph(inputs, replay, out, weights)
+
+    def clear(self) -> None:
+        self.graphs.clear()
+
+
+def apply_cuda_graphs(model: nn.Module, capture: Capture | None = None) -> StackGraphs:
+    """Replay `model`'s block stack from CUDA graphs (captured per input signature at first use).
+
+    Refused with block offload (its weight copies run between blocks); `capture` replaces the CUDA
+    recorder (tests use a stand-in with the same contract on the CPU).
+    """
+    from dit_rt.offload import BlockOffload
+
+    runner, _ = runner_and_blocks(model)
+    if any(isinstance(h, BlockOffload) for h in runner.block_hooks):
+        raise ValueError("CUDA graphs cannot be combined with offload='block' (weights move between blocks)")
+    runner.graphs = StackGraphs(capture)
+    return runner.graphs
+
+
+def remove_cuda_graphs(model: nn.Module) -> None:
+    runner, _ = runner_and_blocks(model)
+    runner.graphs = None
