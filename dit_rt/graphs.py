@@ -14,14 +14,15 @@ BlockRunner: `apply_cuda_graphs(model)` gives the runner a StackGraphs, and ever
 - eager (no graph) when autograd is on, when the inputs are not on CUDA, or when block hooks (offload)
   are installed, whose copies must run between blocks.
 
-All graphs of one device share one memory pool: they never run concurrently, and each keeps its static
-inputs and output alive, so only intermediates are shared. Works on eager and on compiled blocks
-(`dit_rt.compile`), with every attention backend and linear format whose kernels do not synchronise with
-the host (all of dit_rt's: scales stay on the device).
+All graphs of one device share one memory pool (`torch.cuda.MemPool`): they never run concurrently, and
+each keeps its static inputs and output alive, so only intermediates are shared. Works on eager and on
+compiled blocks (`dit_rt.compile`), with every attention backend and linear format whose kernels do not
+synchronise with the host (all of dit_rt's: scales stay on the device).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,22 +35,33 @@ from dit_rt.runner import BlockRunner, runner_and_blocks
 # (fn) -> (replay, output): records fn once; replay() re-runs the recording, rewriting `output` in place.
 Capture = Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
 
-_POOLS: dict[torch.device, object] = {}  # one CUDA graph memory pool per device, shared by every graph
+# One CUDA graph memory pool per device, shared by the graphs of every model (two Wan 2.2 experts): graphs
+# never run concurrently. Weakly held: the pool is released once no StackGraphs uses it.
+_POOLS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
-def cuda_capture(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
-    """Warm fn up once on a side stream (lazy kernel setup must not be recorded), then record it."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    device = torch.device("cuda", torch.cuda.current_device())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=_POOLS.get(device)):
-        out = fn()
-    _POOLS[device] = graph.pool()
-    return graph.replay, out
+class CudaRecorder:
+    """The CUDA recorder: warm fn up once on a side stream (lazy kernel setup must not be recorded), then
+    record it into the device's shared memory pool, which this recorder keeps alive."""
+
+    def __init__(self):
+        self.pool = None
+
+    def __call__(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        device = torch.device("cuda", torch.cuda.current_device())
+        if self.pool is None:
+            self.pool = _POOLS.get(device)
+            if self.pool is None:
+                self.pool = _POOLS[device] = torch.cuda.MemPool()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool.id):
+            out = fn()
+        return graph.replay, out
 
 
 def _signature(leaf) -> tuple:
@@ -73,7 +85,7 @@ class StackGraphs:
     """The runner's graph cache: `run` has `BlockRunner.run`'s signature and result."""
 
     def __init__(self, capture: Capture | None = None):
-        self.capture = capture or cuda_capture
+        self.capture = capture or CudaRecorder()
         self.graphs: dict[tuple, _Graph] = {}
         self.captures = 0  # how many graphs were recorded (recaptures included)
         self.replays = 0
@@ -81,7 +93,7 @@ class StackGraphs:
     def run(self, runner: BlockRunner, blocks: nn.ModuleList, x, args, kwargs, start, stop) -> torch.Tensor:
         leaves, spec = pytree.tree_flatten((x, args, kwargs))
         tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
-        on_cuda = all(t.is_cuda for t in tensors) or self.capture is not cuda_capture
+        on_cuda = all(t.is_cuda for t in tensors) or not isinstance(self.capture, CudaRecorder)
         if torch.is_grad_enabled() or not on_cuda:
             return runner.loop(blocks, x, args, kwargs, start, stop)
         key = (start, stop, spec, tuple(_signature(leaf) for leaf in leaves))

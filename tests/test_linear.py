@@ -279,3 +279,45 @@ def test_svdquant_state(data):
     assert lin.lora_up.shape == (N, 8) and lin.lora_down.shape == (8, K)
     assert lin.qweight.dtype == torch.uint8 and lin.qweight.shape == (N, 256 // 2)
     assert lin.weight_scale.shape == (N, 256 // 64)
+
+
+ACT_QUANT = """
+import torch
+from dit_rt.ops.linear import fp8, triton_quant
+
+torch.manual_seed(0)
+x = torch.randn(70, 200) * 3
+x[5, 7] = 40.0  # one outlier row
+x = x.to(torch.bfloat16)
+for mode in ("tensor", "row", "block"):
+    k_pad, m_pad = 256, 80
+    got_q, got_s = triton_quant.quantize(x, mode, k_pad, m_pad)
+    ref_q, ref_s = fp8.quantize_act(x.float().cpu().clone(), mode, k_pad, m_pad)  # CPU tensors: torch path
+    # Scales and layouts are exact; the codes are not compared here: the interpreter's e4m3 cast does not
+    # round like the GPU (codes off by powers of two), so tools/bench_linear.py checks them on the GPU.
+    assert got_q.shape == ref_q.shape and got_q.dtype == torch.float8_e4m3fn, mode
+    # (padding rows: any scale multiplies zero codes; the kernel writes 1.0 there)
+    assert torch.allclose(got_s.float()[:70], ref_s.float()[:70], rtol=1e-6), mode
+    assert (got_q[70:].float() == 0).all() and (got_q[:, 200:].float() == 0).all(), mode  # zero padding
+    if mode == "block":
+        assert got_s.stride() == (1, m_pad), got_s.stride()  # the M-major layout cuBLAS wants
+    # fullgraph compile traces through the custom op (its fake gives the same shapes and strides).
+    fn = torch.compile(lambda t, m=mode: triton_quant.quantize(t, m, k_pad, m_pad), backend="aot_eager",
+                       fullgraph=True)
+    cq, cs = fn(x)
+    assert torch.equal(cq.float(), got_q.float()) and torch.equal(cs, got_s) and cs.stride() == got_s.stride()
+print("ok")
+"""
+
+
+def test_triton_activation_quantizer_matches_torch_and_compiles():
+    pytest.importorskip("triton", reason="the Triton kernels need the triton package (test extra)")
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")  # the interpreter runs the kernels on CPU tensors
+    out = subprocess.run(
+        [sys.executable, "-c", ACT_QUANT], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

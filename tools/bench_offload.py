@@ -6,7 +6,8 @@ settings: per-forward time (median of --iters after a warm-up) and peak GPU memo
 (torch.cuda.max_memory_allocated, weights included). Targets: peak <= 1/3 of resident, time <= 1.15x.
 
 Part 2 (compile): Wan2.1-1.3B at 480p (same token count): eager vs apply_compile (inductor, per block):
-compile time (the first call minus an eager call) and the steady-state speedup; --cuda-graphs adds a
+compile time (the first call minus an eager first call) and the steady-state speedup against an eager twin
+timed in alternation; --cuda-graphs adds a
 run with the block loop replayed from CUDA graphs (dit_rt.graphs), eager and compiled; --latents adds smaller
 latents, where launch overhead weighs more.
 
@@ -149,12 +150,14 @@ def profile_top(model, inputs, label: str, rows: int = 12) -> None:
 
 
 def bench_compile(args, device, dtype) -> list[dict]:
-    """Per latent: eager, then each variant on the same model; outputs compared with eager's."""
+    """Per latent and variant: the variant's model and an eager twin with the same weights, timed in
+    alternation (eager, variant, eager, ...) so clock drift over the run hits both sides alike."""
     cfg = TINY if args.preset == "tiny" else WanTransformerConfig.preset("wan2.1-t2v-1.3b")
-    model = build(cfg, device, dtype)
-    set_attention(model, args.attention)
-    if args.linear:  # compile over quantized block linears (the fast mode)
-        quantize_(model.blocks, args.linear)
+    base, model = build(cfg, device, dtype), build(cfg, device, dtype)  # same seed: same weights
+    for m in (base, model):
+        set_attention(m, args.attention)
+        if args.linear:  # compile over quantized block linears (the fast mode)
+            quantize_(m.blocks, args.linear)
     backend = "inductor" if device.type == "cuda" else "aot_eager"
     variants = [("compile", dict(compile=True))]
     if args.cuda_graphs:
@@ -169,13 +172,11 @@ def bench_compile(args, device, dtype) -> list[dict]:
         inputs = make_inputs(cfg, latent, device, dtype)
         tokens = latent[0] * latent[1] * latent[2] // 4
         label = f"{args.preset} {tokens} tok {args.attention}" + (f" {args.linear}" if args.linear else "")
-        eager = measure(model, inputs, device, args.iters)
         with torch.no_grad():
-            ref = model(*inputs).float()
+            eager_first = timed(functools.partial(base, *inputs), device)
+            ref = base(*inputs).float()
         if args.profile and device.type == "cuda":
-            profile_top(model, inputs, f"eager {label}")
-        rows.append({"run": "eager", "model": label, **eager})
-        print(json.dumps(rows[-1]), flush=True)
+            profile_top(base, inputs, f"eager {label}")
         for name, kw in variants:
             torch._dynamo.reset()
             if kw.get("compile"):
@@ -184,16 +185,26 @@ def bench_compile(args, device, dtype) -> list[dict]:
                 apply_cuda_graphs(model)
             with torch.no_grad():
                 first = timed(functools.partial(model, *inputs), device)
-            r = measure(model, inputs, device, args.iters)
-            with torch.no_grad():
+                timed(functools.partial(model, *inputs), device)
+                pairs = [
+                    (
+                        timed(functools.partial(base, *inputs), device),
+                        timed(functools.partial(model, *inputs), device),
+                    )
+                    for _ in range(args.iters)
+                ]
                 out = model(*inputs).float()
             if args.profile and device.type == "cuda" and name == "compile":
                 profile_top(model, inputs, f"{name} {label}")
-            r.update(
+            eager_s, step_s = (statistics.median(p[i] for p in pairs) for i in (0, 1))
+            r = dict(
                 run=name,
                 model=label,
-                compile_s=first - eager["step_s"],
-                speedup=eager["step_s"] / r["step_s"],
+                eager_s=eager_s,
+                step_s=step_s,
+                first_call_s=first,
+                compile_s=first - eager_first,
+                speedup=eager_s / step_s,
                 rel_diff_vs_eager=((out - ref).norm() / ref.norm()).item(),
             )
             rows.append(r)
@@ -204,8 +215,8 @@ def bench_compile(args, device, dtype) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["run", "model", "step_s", "peak_gib", "time_ratio", "memory_ratio", "compile_s", "speedup"]
-    cols += ["rel_diff_vs_eager"]
+    cols = ["run", "model", "step_s", "peak_gib", "time_ratio", "memory_ratio", "eager_s", "compile_s"]
+    cols += ["speedup", "rel_diff_vs_eager"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [r.get(c, "") for c in cols]

@@ -14,8 +14,13 @@ e4m3 with round-to-nearest-even.
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
+
+# Whether Triton is installed, decided without importing it: a constant torch.compile reads instead of
+# tracing the kernel build (the kernels are built inside the custom op below, out of dynamo's sight).
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
 @functools.cache
@@ -83,14 +88,9 @@ def _kernels():
     return triton, tensor_kernel, row_kernel, block_kernel
 
 
-@functools.cache
 def available() -> bool:
-    """True when Triton imports; decided once."""
-    try:
-        _kernels()
-    except ImportError:
-        return False
-    return True
+    """True when Triton is installed."""
+    return _HAVE_TRITON
 
 
 def quantize(x: torch.Tensor, mode: str, k_pad: int, m_pad: int | None = None):
@@ -98,7 +98,30 @@ def quantize(x: torch.Tensor, mode: str, k_pad: int, m_pad: int | None = None):
 
     mode "tensor": scale (1,); "row": scale (M, 1); "block" (1x128): scale viewed (Mp, k_pad / 128)
     with strides (1, Mp), the outer-dim-major layout cuBLAS wants. Mp = m_pad or M; padding is zeros.
+    A `torch.library` custom op with a fake implementation, so compiled blocks trace through it.
     """
+    if mode not in ("tensor", "row", "block"):
+        raise ValueError(f"unknown activation scaling {mode!r}; expected 'tensor', 'row' or 'block'")
+    return _quantize_op(x, mode, k_pad, m_pad or 0)
+
+
+@torch.library.custom_op("dit_rt::fp8_quantize_act", mutates_args=())
+def _quantize_op(x: torch.Tensor, mode: str, k_pad: int, m_pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _quantize(x, mode, k_pad, m_pad or None)
+
+
+@_quantize_op.register_fake
+def _(x, mode, k_pad, m_pad):
+    Mp = m_pad or x.shape[0]
+    q = x.new_empty(Mp, k_pad, dtype=torch.float8_e4m3fn)
+    if mode == "tensor":
+        return q, x.new_empty(1, dtype=torch.float32)
+    if mode == "row":
+        return q, x.new_empty(Mp, 1, dtype=torch.float32)
+    return q, torch.empty_strided((Mp, k_pad // 128), (1, Mp), dtype=torch.float32, device=x.device)
+
+
+def _quantize(x: torch.Tensor, mode: str, k_pad: int, m_pad: int | None):
     triton, tensor_kernel, row_kernel, block_kernel = _kernels()
     M, K = x.shape
     Mp = m_pad or M
@@ -125,4 +148,3 @@ def quantize(x: torch.Tensor, mode: str, k_pad: int, m_pad: int | None = None):
         grid = (triton.cdiv(Mp, 32), n_blocks)
         block_kernel[grid](x, q, s, M, Mp, K, k_pad, x.stride(0), BLOCK_M=32)
         return q, s.t()
-    raise ValueError(f"unknown activation scaling {mode!r}; expected 'tensor', 'row' or 'block'")
