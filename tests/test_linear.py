@@ -321,3 +321,22 @@ def test_triton_activation_quantizer_matches_torch_and_compiles():
         [sys.executable, "-c", ACT_QUANT], capture_output=True, text=True, env=env, timeout=600
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_fp8_gemm_path_compiles_fullgraph():
+    """The GPU path of fp8-per-tensor (activation quantization + the scaled-mm custom op), run on the CPU,
+    whose torch has a tensorwise fp8 scaled-mm: compiled fullgraph equals eager and stays near the
+    emulated path (fp8 rounding of the product's inputs is the same; only accumulation order differs)."""
+    torch.manual_seed(0)
+    m = Linear(64, 48)
+    torch.nn.init.normal_(m.weight, std=0.1)
+    torch.nn.init.normal_(m.bias, std=0.1)
+    m.convert("fp8-per-tensor")
+    fmt = m._format
+    x = torch.randn(20, 64)
+    with torch.no_grad():
+        eager = fmt.forward_kernel(m, x)
+        compiled = torch.compile(lambda t: fmt.forward_kernel(m, t), backend="aot_eager", fullgraph=True)(x)
+        emulated = fmt.forward_emulated(m, x)
+    assert torch.equal(compiled, eager)
+    assert ((eager - emulated).norm() / emulated.norm()).item() < 1e-5

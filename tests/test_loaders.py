@@ -228,11 +228,14 @@ def test_fused_linear_forward_matches_unfused(tmp_path):
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)  # GEMM shape changes rounding only
 
 
-def test_staged_chunked_reader_matches_memory_map(tmp_path):
+@pytest.mark.parametrize("slice_min", [8 << 20, 1000])  # one read per chunk / chunks read in parallel slices
+def test_staged_chunked_reader_matches_memory_map(tmp_path, monkeypatch, slice_min):
     """The GPU path's reader (large sequential chunks through staging buffers), run on the CPU: chunk
-    boundaries, a tensor larger than the buffers and skipped tensors must not shift a byte."""
+    boundaries, a tensor larger than the buffers, skipped tensors, parallel slices: not a byte may shift."""
+    from dit_rt.loaders import safetensors_io
     from dit_rt.loaders.safetensors_io import PinnedStaging, iter_mmap, iter_staged, read_header
 
+    monkeypatch.setattr(safetensors_io, "READ_SLICE_MIN", slice_min)
     sd = toy_checkpoint(4)
     sd["big"] = torch.randn(64, 64)  # 16 KiB, larger than the 4 KiB buffers below
     sd["flag"] = torch.tensor([True, False])
@@ -247,6 +250,21 @@ def test_staged_chunked_reader_matches_memory_map(tmp_path):
         assert a.dtype == sd[info.name].dtype and torch.equal(a, sd[info.name]), info.name
     mapped = [(info.name, b.clone()) for info, b in iter_mmap(path, items)]  # views die with the map
     assert all(torch.equal(b, sd[name]) for name, b in mapped) and len(mapped) == len(items)
+
+
+def test_parallel_read_reports_a_short_file(tmp_path, monkeypatch):
+    from dit_rt.loaders import safetensors_io
+
+    monkeypatch.setattr(safetensors_io, "READ_SLICE_MIN", 100)
+    path = tmp_path / "blob.bin"
+    data = bytes(range(256)) * 16  # 4096 bytes
+    path.write_bytes(data)
+    buf = bytearray(3000)
+    with open(path, "rb") as f:
+        safetensors_io.read_exact(path, f.fileno(), memoryview(buf), 1000)  # 8 slices of 375 bytes
+        assert bytes(buf) == data[1000:4000]
+        with pytest.raises(CheckpointError, match=r"blob.bin: truncated file \(read stopped at byte 4096\)"):
+            safetensors_io.read_exact(path, f.fileno(), memoryview(bytearray(3000)), 2000)
 
 
 # ------------------------------------------------------------------------------------------------ errors

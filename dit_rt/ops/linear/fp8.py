@@ -76,7 +76,32 @@ def dequant_act(q: torch.Tensor, s: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def _scaled_mm(a, b, scale_a, recipe_a: str, scale_b, recipe_b: str, bias, out_dtype):
-    """fp8 GEMM a (M, K) @ b (K, N, column-major) through whichever scaled-mm API this torch has."""
+    """fp8 GEMM a (M, K) @ b (K, N, column-major): a custom op, so compiled blocks trace through it (dynamo
+    cannot trace torch 2.11's F.scaled_mm)."""
+    return _scaled_mm_op(a, b, scale_a, recipe_a, scale_b, recipe_b, bias, out_dtype)
+
+
+@torch.library.custom_op("dit_rt::fp8_scaled_mm", mutates_args=())
+def _scaled_mm_op(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: torch.Tensor,
+    recipe_a: str,
+    scale_b: torch.Tensor,
+    recipe_b: str,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    return _scaled_mm_eager(a, b, scale_a, recipe_a, scale_b, recipe_b, bias, out_dtype)
+
+
+@_scaled_mm_op.register_fake
+def _(a, b, scale_a, recipe_a, scale_b, recipe_b, bias, out_dtype):
+    return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
+
+
+def _scaled_mm_eager(a, b, scale_a, recipe_a: str, scale_b, recipe_b: str, bias, out_dtype):
+    """Through whichever scaled-mm API this torch has."""
     if hasattr(F, "scaled_mm"):
         st = F.ScalingType
         recipes = {"tensor": st.TensorWise, "row": st.RowWise, "1x128": st.BlockWise1x128}
