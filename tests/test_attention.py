@@ -416,6 +416,12 @@ for num_scales, block in [(None, None), (2, None), (None, 32)]:
     sub = (av.abs() <= 2**-6) & ((av - bv).abs() <= 2**-9)
     ok = carry | sub
     assert torch.equal(av[~ok], bv[~ok]) and ok.float().mean() < 0.05, (num_scales, block)
+    # fullgraph compile traces through the custom op; its fake has the real shapes
+    def q(t, n=num_scales, blk=block):
+        r = quantize_fp8(t, num_scales=n, block=blk, use_triton=True)
+        return r.data, r.descale
+    cd, cs = torch.compile(q, backend="aot_eager", fullgraph=True)(x)
+    assert torch.equal(cd.float(), bv) and torch.equal(cs, b.descale), (num_scales, block)
 print("match")
 """
 

@@ -10,6 +10,7 @@ quantize) and writes one byte per element. The QK-norm/RoPE kernel can later emi
 from __future__ import annotations
 
 import functools
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -123,6 +124,26 @@ def _kernels():
 
 
 def _quantize_triton(x: torch.Tensor, num_scales: int, block: int | None) -> Fp8Tensor:
+    # Through a custom op (fake below), so compiled blocks trace through the quantization.
+    y, descale = _quantize_triton_op(x, num_scales, block or 0)
+    return Fp8Tensor(y, descale, block)
+
+
+@torch.library.custom_op("dit_rt::fp8_quantize_heads", mutates_args=())
+def _quantize_triton_op(x: torch.Tensor, num_scales: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    t = _quantize_triton_eager(x, num_scales, block or None)
+    return t.data, t.descale
+
+
+@_quantize_triton_op.register_fake
+def _(x, num_scales, block):
+    b, length = x.shape[:2]
+    y = x.new_empty(x.shape, dtype=torch.float8_e4m3fn)
+    scales = (b, num_scales, -(-length // block)) if block else (b, num_scales)
+    return y, x.new_empty(scales, dtype=torch.float32)
+
+
+def _quantize_triton_eager(x: torch.Tensor, num_scales: int, block: int | None) -> Fp8Tensor:
     triton, amax_kernel, quant_kernel = _kernels()
     b, length, heads, dim = x.shape
     if x.stride(-1) != 1:
@@ -143,12 +164,11 @@ def _quantize_triton(x: torch.Tensor, num_scales: int, block: int | None) -> Fp8
     return Fp8Tensor(y, descale, block)
 
 
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None  # decided without importing it
+
+
 def _triton_ok() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _HAVE_TRITON
 
 
 def quantize_fp8(
