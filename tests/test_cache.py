@@ -19,6 +19,7 @@ from dit_rt.cache import (
     get_cache,
     poly,
     remove_cache,
+    teacache_coefficients,
 )
 from dit_rt.models.wan.transformer import timestep_sinusoid
 from tests.test_wan_transformer import from_reference, inputs
@@ -206,6 +207,9 @@ def test_published_coefficients_and_clear_errors(model):
     c = apply_cache(model, dict(kind="teacache", ret_steps=False, model="wan2.1-i2v-14b-720p"))
     assert c.coefficients[0] == pytest.approx(-114.36346466) and c.rule.signal == "temb"
     remove_cache(model)
+    # FLUX.2-dev: NVIDIA's published fit (one variant for both settings), cubic
+    assert teacache_coefficients("flux.2-dev", False) == teacache_coefficients("flux.2-dev", True)
+    assert len(teacache_coefficients("flux.2-dev", True)) == 4
     with pytest.raises(ValueError, match="no published coefficients for model 'wan2.2-t2v-a14b'"):
         apply_cache(model, dict(kind="teacache"), alias="wan2.2-t2v-a14b")
     with pytest.raises(ValueError, match="loaded from a folder"):

@@ -16,8 +16,9 @@ is measured is the authors' choice per model and variant:
     Wan, ret_steps=False  s = e, the [B, D] time embedding (`temb`); 1 warm-up step, last step computed
     FLUX.1                s = the first block's modulated image input; step 0 and the last step computed
 
-The coefficients are those the authors published (same files). Models without published coefficients
-(Wan 2.2, FLUX.2, Cosmos) need `coefficients=` passed explicitly, or the model-agnostic First-Block Cache.
+The coefficients are those the authors published (same files); FLUX.2-dev's come from NVIDIA's TensorRT-LLM
+visual_gen, the only published fit for it. Models without published coefficients (Wan 2.2, Cosmos) need
+`coefficients=` passed explicitly, or the model-agnostic First-Block Cache.
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ TEACACHE_COEFFICIENTS: dict[tuple[str, bool], tuple[float, ...]] = {
     # FLUX.1 has a single variant (no ret-steps fit); it is used whatever ret_steps says.
     ("flux.1-dev", True): (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01),
     ("flux.1-dev", False): (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01),
+    # FLUX.2-dev: not in the TeaCache authors' repository; NVIDIA published a cubic fit on the same signal
+    # (the first double block's modulated image input) with TensorRT-LLM's visual_gen (flux2_pipeline.py).
+    # One variant, used whatever ret_steps says, as for FLUX.1.
+    ("flux.2-dev", True): (1.04582360e02, -6.87605554e00, -8.61659379e-02, 5.37600252e-02),
+    ("flux.2-dev", False): (1.04582360e02, -6.87605554e00, -8.61659379e-02, 5.37600252e-02),
 }
 
 
