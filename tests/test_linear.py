@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dit_rt.ops.linear import LINEAR_FORMATS, Linear, fused, quantize_, record_act_absmax, trtllm
 from dit_rt.ops.linear import nvfp4 as nv
@@ -306,6 +307,10 @@ for mode in ("tensor", "row", "block"):
                        fullgraph=True)
     cq, cs = fn(x)
     assert torch.equal(cq.float(), got_q.float()) and torch.equal(cs, got_s) and cs.stride() == got_s.stride()
+# GELU fused into the rowwise quantizer: the same scales as quantizing the torch GELU-tanh
+got_q, got_s = triton_quant.quantize(x, "row", 256, None, gelu=True)
+ref_q, ref_s = fp8.quantize_act(x.float(), "row", 256, None, gelu=True)
+assert got_q.shape == (70, 256) and torch.allclose(got_s, ref_s, rtol=1e-5), (got_s - ref_s).abs().max()
 print("ok")
 """
 
@@ -340,3 +345,37 @@ def test_fp8_gemm_path_compiles_fullgraph():
         emulated = fmt.forward_emulated(m, x)
     assert torch.equal(compiled, eager)
     assert ((eager - emulated).norm() / emulated.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["fp8-per-tensor", "fp8-rowwise"])
+def test_gelu_ffn_fused_path(fmt):
+    """The fused FFN (GELU inside down's rowwise activation quantization), emulated on the CPU: equal to
+    its definition (rowwise codes of GELU(up(x)) through down's weights) and within fp8 error of the
+    unfused chain; formats that cannot take row codes refuse it."""
+    from dit_rt.ops.linear import gelu_ffn
+    from dit_rt.ops.linear.fp8 import dequant_act, quantize_act
+
+    torch.manual_seed(0)
+    up, down = Linear(64, 200), Linear(200, 48)
+    for m in (up, down):
+        torch.nn.init.normal_(m.weight, std=m.in_features**-0.5)
+        torch.nn.init.normal_(m.bias, std=0.1)
+    ref = F.linear(
+        F.gelu(F.linear(x := torch.randn(3, 7, 64), up.weight, up.bias), approximate="tanh"),
+        down.weight,
+        down.bias,
+    )
+    down.convert(fmt)
+    fused = gelu_ffn(up, down, x, fused=True)
+    q, s = quantize_act(up(x).reshape(21, 200), "row", down.qweight.shape[1], gelu=True)
+    by_hand = (dequant_act(q, s, "row") @ down._format.weight_dequant(down).t())[:, :48] + down.bias
+    assert fused.shape == (3, 7, 48) and torch.allclose(fused.reshape(21, 48), by_hand, atol=1e-5)
+    unfused = gelu_ffn(up, down, x)  # CPU: the plain chain (down quantizes per call)
+    for got in (fused, unfused):
+        assert ((got - ref).norm() / ref.norm()).item() < 5e-2
+    blockwise = Linear(200, 48)
+    blockwise.convert("fp8-blockwise")
+    with pytest.raises(ValueError, match="cannot take rowwise fp8 codes"):
+        gelu_ffn(up, blockwise, x, fused=True)
+    with pytest.raises(ValueError, match="rowwise activation scales only"):
+        quantize_act(torch.randn(4, 8), "tensor", 16, gelu=True)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dit_rt.ops.linear.base import FLOAT_DTYPES, LinearFormat
-from dit_rt.ops.linear.fp8 import Fp8Blockwise, Fp8PerTensor, Fp8Rowwise
+from dit_rt.ops.linear.fp8 import Fp8Blockwise, Fp8PerTensor, Fp8Rowwise, gelu_ffn
 from dit_rt.ops.linear.nvfp4 import Nvfp4
 from dit_rt.ops.linear.svdquant import SVDQuant, record_act_absmax
 from dit_rt.ops.linear.trtllm import TrtllmFp8Blockwise, TrtllmFp8PerTensor
@@ -185,6 +185,7 @@ __all__ = [
     "Linear",
     "LinearFormat",
     "fused",
+    "gelu_ffn",
     "get_format",
     "linear_formats",
     "quantize_",

@@ -48,7 +48,9 @@ def _kernels():
             tl.store(s_ptr, scale)
 
     @triton.jit
-    def row_kernel(x_ptr, q_ptr, s_ptr, K, Kp, stride_xm, BLOCK_K: tl.constexpr):
+    def row_kernel(x_ptr, q_ptr, s_ptr, K, Kp, stride_xm, GELU: tl.constexpr, BLOCK_K: tl.constexpr):
+        # One row: amax pass, then the scaled cast (the row is re-read from cache). GELU: quantize GELU-tanh
+        # of x, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) with tanh(u) = 1 - 2 / (exp(2u) + 1), fp32.
         row = tl.program_id(0)
         x_row = x_ptr + row.to(tl.int64) * stride_xm
         q_row = q_ptr + row.to(tl.int64) * Kp
@@ -56,11 +58,17 @@ def _kernels():
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+            if GELU:
+                u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+                x = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
             amax = tl.maximum(amax, tl.abs(x))
         scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
         for k0 in range(0, Kp, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+            if GELU:
+                u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+                x = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
             q = tl.clamp(x / scale, -448.0, 448.0)
             tl.store(q_row + cols, q.to(tl.float8e4nv), mask=cols < Kp)
         tl.store(s_ptr + row, scale)
@@ -93,25 +101,31 @@ def available() -> bool:
     return _HAVE_TRITON
 
 
-def quantize(x: torch.Tensor, mode: str, k_pad: int, m_pad: int | None = None):
+def quantize(x: torch.Tensor, mode: str, k_pad: int, m_pad: int | None = None, gelu: bool = False):
     """Quantize x (M, K), last dim contiguous, to e4m3 codes (Mp, k_pad) with fp32 dequant scales.
 
     mode "tensor": scale (1,); "row": scale (M, 1); "block" (1x128): scale viewed (Mp, k_pad / 128)
     with strides (1, Mp), the outer-dim-major layout cuBLAS wants. Mp = m_pad or M; padding is zeros.
-    A `torch.library` custom op with a fake implementation, so compiled blocks trace through it.
+    gelu=True (mode "row" only) quantizes GELU-tanh(x), computed in fp32: the FFN hidden activation is
+    read once, never written in bf16. A `torch.library` custom op with a fake implementation, so compiled
+    blocks trace through it.
     """
     if mode not in ("tensor", "row", "block"):
         raise ValueError(f"unknown activation scaling {mode!r}; expected 'tensor', 'row' or 'block'")
-    return _quantize_op(x, mode, k_pad, m_pad or 0)
+    if gelu and mode != "row":
+        raise ValueError("the fused GELU runs with rowwise activation scales only (mode='row')")
+    return _quantize_op(x, mode, k_pad, m_pad or 0, gelu)
 
 
 @torch.library.custom_op("dit_rt::fp8_quantize_act", mutates_args=())
-def _quantize_op(x: torch.Tensor, mode: str, k_pad: int, m_pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _quantize(x, mode, k_pad, m_pad or None)
+def _quantize_op(
+    x: torch.Tensor, mode: str, k_pad: int, m_pad: int, gelu: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _quantize(x, mode, k_pad, m_pad or None, gelu)
 
 
 @_quantize_op.register_fake
-def _(x, mode, k_pad, m_pad):
+def _(x, mode, k_pad, m_pad, gelu):
     Mp = m_pad or x.shape[0]
     q = x.new_empty(Mp, k_pad, dtype=torch.float8_e4m3fn)
     if mode == "tensor":
@@ -121,7 +135,7 @@ def _(x, mode, k_pad, m_pad):
     return q, torch.empty_strided((Mp, k_pad // 128), (1, Mp), dtype=torch.float32, device=x.device)
 
 
-def _quantize(x: torch.Tensor, mode: str, k_pad: int, m_pad: int | None):
+def _quantize(x: torch.Tensor, mode: str, k_pad: int, m_pad: int | None, gelu: bool = False):
     triton, tensor_kernel, row_kernel, block_kernel = _kernels()
     M, K = x.shape
     Mp = m_pad or M
@@ -137,7 +151,7 @@ def _quantize(x: torch.Tensor, mode: str, k_pad: int, m_pad: int | None):
     if mode == "row":
         s = torch.empty(Mp, 1, device=x.device, dtype=torch.float32)
         block_k = min(triton.next_power_of_2(k_pad), 2048)
-        row_kernel[(M,)](x, q, s, K, k_pad, x.stride(0), BLOCK_K=block_k)
+        row_kernel[(M,)](x, q, s, K, k_pad, x.stride(0), GELU=gelu, BLOCK_K=block_k)
         if Mp != M:
             q[M:].zero_()
             s[M:] = 1.0
