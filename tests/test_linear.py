@@ -307,10 +307,11 @@ for mode in ("tensor", "row", "block"):
                        fullgraph=True)
     cq, cs = fn(x)
     assert torch.equal(cq.float(), got_q.float()) and torch.equal(cs, got_s) and cs.stride() == got_s.stride()
-# GELU fused into the rowwise quantizer: the same scales as quantizing the torch GELU-tanh
-got_q, got_s = triton_quant.quantize(x, "row", 256, None, gelu=True)
-ref_q, ref_s = fp8.quantize_act(x.float(), "row", 256, None, gelu=True)
-assert got_q.shape == (70, 256) and torch.allclose(got_s, ref_s, rtol=1e-5), (got_s - ref_s).abs().max()
+# GELU fused into the quantizer: the same scales as quantizing the torch GELU-tanh
+for mode in ("tensor", "row"):
+    got_q, got_s = triton_quant.quantize(x, mode, 256, None, gelu=True)
+    ref_q, ref_s = fp8.quantize_act(x.float(), mode, 256, None, gelu=True)
+    assert got_q.shape == (70, 256) and torch.allclose(got_s, ref_s, rtol=1e-5), (mode, got_s, ref_s)
 print("ok")
 """
 
@@ -349,9 +350,9 @@ def test_fp8_gemm_path_compiles_fullgraph():
 
 @pytest.mark.parametrize("fmt", ["fp8-per-tensor", "fp8-rowwise"])
 def test_gelu_ffn_fused_path(fmt):
-    """The fused FFN (GELU inside down's rowwise activation quantization), emulated on the CPU: equal to
-    its definition (rowwise codes of GELU(up(x)) through down's weights) and within fp8 error of the
-    unfused chain; formats that cannot take row codes refuse it."""
+    """The fused FFN (GELU inside down's activation quantization: per tensor or per row, as the format
+    quantizes), emulated on the CPU: equal to its definition (codes of GELU(up(x)) through down's weights)
+    and within fp8 error of the unfused chain; formats that cannot take codes refuse it."""
     from dit_rt.ops.linear import gelu_ffn
     from dit_rt.ops.linear.fp8 import dequant_act, quantize_act
 
@@ -367,15 +368,17 @@ def test_gelu_ffn_fused_path(fmt):
     )
     down.convert(fmt)
     fused = gelu_ffn(up, down, x, fused=True)
-    q, s = quantize_act(up(x).reshape(21, 200), "row", down.qweight.shape[1], gelu=True)
-    by_hand = (dequant_act(q, s, "row") @ down._format.weight_dequant(down).t())[:, :48] + down.bias
+    mode = down._format.code_mode
+    assert mode == ("tensor" if fmt == "fp8-per-tensor" else "row")
+    q, s = quantize_act(up(x).reshape(21, 200), mode, down.qweight.shape[1], gelu=True)
+    by_hand = (dequant_act(q, s, mode) @ down._format.weight_dequant(down).t())[:, :48] + down.bias
     assert fused.shape == (3, 7, 48) and torch.allclose(fused.reshape(21, 48), by_hand, atol=1e-5)
     unfused = gelu_ffn(up, down, x)  # CPU: the plain chain (down quantizes per call)
     for got in (fused, unfused):
         assert ((got - ref).norm() / ref.norm()).item() < 5e-2
     blockwise = Linear(200, 48)
     blockwise.convert("fp8-blockwise")
-    with pytest.raises(ValueError, match="cannot take rowwise fp8 codes"):
+    with pytest.raises(ValueError, match="cannot take pre-quantized fp8 codes"):
         gelu_ffn(up, blockwise, x, fused=True)
-    with pytest.raises(ValueError, match="rowwise activation scales only"):
-        quantize_act(torch.randn(4, 8), "tensor", 16, gelu=True)
+    with pytest.raises(ValueError, match="not 'block'"):
+        quantize_act(torch.randn(4, 8), "block", 128, gelu=True)

@@ -51,12 +51,12 @@ def quantize_act(x: torch.Tensor, mode: str, k_pad: int, m_pad: int | None = Non
 
     Scales: "tensor" (1,), "row" (Mp, 1), "block" (Mp, k_pad / 128). On CUDA with Triton the fused
     kernel runs (block scales then come M-major, as cuBLAS wants); otherwise the torch path.
-    gelu=True (rowwise only): quantize GELU-tanh(x), computed in fp32 (the fused FFN of `gelu_ffn`).
+    gelu=True ("tensor" or "row"): quantize GELU-tanh(x), computed in fp32 (the fused FFN of `gelu_ffn`).
     """
     if x.is_cuda and triton_quant.available():
         return triton_quant.quantize(x if x.stride(-1) == 1 else x.contiguous(), mode, k_pad, m_pad, gelu)
-    if gelu and mode != "row":
-        raise ValueError("the fused GELU runs with rowwise activation scales only (mode='row')")
+    if gelu and mode == "block":
+        raise ValueError("the fused GELU runs with per-tensor or rowwise activation scales, not 'block'")
     M, K = x.shape
     x = F.gelu(x.float(), approximate="tanh") if gelu else x
     x = pad2d(x.float(), m_pad or M, k_pad)
@@ -124,20 +124,20 @@ class _Fp8Format(LinearFormat):
 
     act_mode = "tensor"
     k_align = 16
-    takes_row_codes = False  # forward_rows: activations already quantized per row (the fused FFN)
+    code_mode: str | None = None  # forward_codes takes activations pre-quantized this way (fused FFN)
 
-    def forward_rows(self, m, q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """y (M, out) from activation codes q (M, Kp) e4m3 with per-row dequant scales s (M, 1): the
-        rowwise GEMM, the weight scales broadcast over their columns; emulated in fp32 off the GPU."""
+    def forward_codes(self, m, q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """y (M, out) from activation codes q (M, Kp) e4m3 already quantized as `code_mode` says (scale
+        (1,) per tensor or (M, 1) per row); emulated in fp32 off the GPU."""
         Np, Kp = m.qweight.shape
-        if q.shape[1] != Kp or q.dtype != E4M3 or s.shape != (q.shape[0], 1):
+        scales = (1,) if self.code_mode == "tensor" else (q.shape[0], 1)
+        if q.shape[1] != Kp or q.dtype != E4M3 or tuple(s.shape) != scales:
             raise ValueError(
-                f"expected e4m3 codes (M, {Kp}) and scales (M, 1), got {tuple(q.shape)}, {tuple(s.shape)}"
+                f"expected e4m3 codes (M, {Kp}) and scales {scales}, got {tuple(q.shape)}, {tuple(s.shape)}"
             )
         bias = m.bias if Np == m.out_features else None
         if q.is_cuda and fp8_native(q.device):
-            y = _scaled_mm(q, m.qweight.t(), s, "row", m.weight_scale.view(1, Np), "row", bias, dtype)
-            return _finish(m, y, bias)
+            return _finish(m, self.gemm(m, q, s, bias, dtype), bias)
         y = ((q.float() * s) @ self.weight_dequant(m).t())[:, : m.out_features]
         if m.bias is not None:
             y = y + m.bias.float()
@@ -174,7 +174,7 @@ class _Fp8Format(LinearFormat):
 
 class Fp8PerTensor(_Fp8Format):
     name = "fp8-per-tensor"
-    takes_row_codes = True  # its [Np, 1] weight scales serve the rowwise GEMM as well
+    code_mode = "tensor"
 
     def weight_scales(self, m, w):
         # One scale per fused slice, expanded to a column of per-row scales [Np, 1].
@@ -193,19 +193,20 @@ class Fp8PerTensor(_Fp8Format):
         Np, Kp = m.qweight.shape
         q, s = quantize_act(x, "tensor", Kp)
         bias = m.bias if Np == m.out_features else None
+        return _finish(m, self.gemm(m, q, s, bias, x.dtype), bias)
+
+    def gemm(self, m, q, s, bias, dtype):
+        Np = m.qweight.shape[0]
         if m.single_scale:
-            y = _scaled_mm(q, m.qweight.t(), s, "tensor", m.weight_scale[0], "tensor", bias, x.dtype)
-        else:
-            s_rows = s.expand(q.shape[0], 1).contiguous()
-            w_s = m.weight_scale.view(1, Np)
-            y = _scaled_mm(q, m.qweight.t(), s_rows, "row", w_s, "row", bias, x.dtype)
-        return _finish(m, y, bias)
+            return _scaled_mm(q, m.qweight.t(), s, "tensor", m.weight_scale[0], "tensor", bias, dtype)
+        s_rows = s.expand(q.shape[0], 1).contiguous()
+        return _scaled_mm(q, m.qweight.t(), s_rows, "row", m.weight_scale.view(1, Np), "row", bias, dtype)
 
 
 class Fp8Rowwise(_Fp8Format):
     name = "fp8-rowwise"
     act_mode = "row"
-    takes_row_codes = True
+    code_mode = "row"
 
     def weight_scales(self, m, w):
         return amax_scale(w.abs().amax(dim=1, keepdim=True))  # [Np, 1]
@@ -214,8 +215,12 @@ class Fp8Rowwise(_Fp8Format):
         Np, Kp = m.qweight.shape
         q, s = quantize_act(x, "row", Kp)
         bias = m.bias if Np == m.out_features else None
-        y = _scaled_mm(q, m.qweight.t(), s, "row", m.weight_scale.view(1, Np), "row", bias, x.dtype)
-        return _finish(m, y, bias)
+        return _finish(m, self.gemm(m, q, s, bias, x.dtype), bias)
+
+    def gemm(self, m, q, s, bias, dtype):
+        return _scaled_mm(
+            q, m.qweight.t(), s, "row", m.weight_scale.view(1, m.qweight.shape[0]), "row", bias, dtype
+        )
 
 
 class Fp8Blockwise(_Fp8Format):
@@ -272,21 +277,21 @@ def _finish(m, y: torch.Tensor, bias_applied) -> torch.Tensor:
 def gelu_ffn(up, down, x: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
     """down(GELU-tanh(up(x))) for two dit_rt Linears (a DiT feed-forward).
 
-    Where `down` is an fp8 format that takes rowwise codes and the real kernels run (CUDA sm89+ with
-    Triton), GELU is fused into down's activation quantization: the (tokens x ffn_dim) hidden activation
-    is read once and never written back in bf16 (one pass instead of GELU + amax + cast). fused=None
+    Where `down` is fp8-per-tensor or fp8-rowwise and the real kernels run (CUDA sm89+ with Triton), GELU
+    is fused into down's activation quantization: the (tokens x ffn_dim) hidden activation is never
+    written back in bf16 (GELU + amax + cast passes become amax + cast, or one pass per row). fused=None
     decides so; fused=True forces that path (emulated off the GPU: the tests' handle on it).
     """
     fmt = down._format
-    takes_codes = getattr(fmt, "takes_row_codes", False)
+    mode = getattr(fmt, "code_mode", None)
     if fused is None:
-        fused = takes_codes and x.is_cuda and fp8_native(x.device) and triton_quant.available()
+        fused = mode is not None and x.is_cuda and fp8_native(x.device) and triton_quant.available()
     if not fused:
         return down(up.gelu_tanh(x))
-    if not takes_codes:
+    if mode is None:
         raise ValueError(
-            f"a {down.fmt!r} Linear cannot take rowwise fp8 codes; use fp8-per-tensor or fp8-rowwise"
+            f"a {down.fmt!r} Linear cannot take pre-quantized fp8 codes; use fp8-per-tensor or fp8-rowwise"
         )
     h = up(x).reshape(-1, up.out_features)
-    q, s = quantize_act(h, "row", down.qweight.shape[1], gelu=True)
-    return fmt.forward_rows(down, q, s, x.dtype).reshape(*x.shape[:-1], down.out_features)
+    q, s = quantize_act(h, mode, down.qweight.shape[1], gelu=True)
+    return fmt.forward_codes(down, q, s, x.dtype).reshape(*x.shape[:-1], down.out_features)

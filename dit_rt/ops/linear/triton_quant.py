@@ -29,21 +29,40 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
+    def gelu_amax_kernel(x_ptr, partial_ptr, M, K, stride_xm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        # max |GELU-tanh(x)| of one tile -> partial[tile]; the tiles' max is the per-tensor amax
+        pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :],
+            mask=(rows < M)[:, None] & (cols < K)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        x = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+        tl.store(partial_ptr + pid_m * tl.num_programs(1) + pid_k, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+
+    @triton.jit
     def tensor_kernel(
-        x_ptr, q_ptr, amax_ptr, s_ptr, M, K, Kp, stride_xm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
-    ):
+        x_ptr, q_ptr, amax_ptr, s_ptr, M, K, Kp, stride_xm,
+        GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
         pid_m, pid_k = tl.program_id(0), tl.program_id(1)
         scale = tl.maximum(tl.load(amax_ptr).to(tl.float32), 1e-12) / 448.0
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(
-            x_ptr + rows[:, None] * stride_xm + cols[None, :],
+            x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :],
             mask=(rows < M)[:, None] & (cols < K)[None, :],
             other=0.0,
         ).to(tl.float32)
+        if GELU:
+            u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+            x = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
         q = tl.clamp(x / scale, -448.0, 448.0)
         out_mask = (rows < M)[:, None] & (cols < Kp)[None, :]
-        tl.store(q_ptr + rows[:, None] * Kp + cols[None, :], q.to(tl.float8e4nv), mask=out_mask)
+        tl.store(q_ptr + rows[:, None].to(tl.int64) * Kp + cols[None, :], q.to(tl.float8e4nv), mask=out_mask)
         if (pid_m == 0) & (pid_k == 0):
             tl.store(s_ptr, scale)
 
@@ -93,7 +112,7 @@ def _kernels():
         )
         tl.store(s_ptr + pid_l * Mp + rows, scale, mask=rows < Mp)
 
-    return triton, tensor_kernel, row_kernel, block_kernel
+    return triton, tensor_kernel, row_kernel, block_kernel, gelu_amax_kernel
 
 
 def available() -> bool:
@@ -106,14 +125,14 @@ def quantize(x: torch.Tensor, mode: str, k_pad: int, m_pad: int | None = None, g
 
     mode "tensor": scale (1,); "row": scale (M, 1); "block" (1x128): scale viewed (Mp, k_pad / 128)
     with strides (1, Mp), the outer-dim-major layout cuBLAS wants. Mp = m_pad or M; padding is zeros.
-    gelu=True (mode "row" only) quantizes GELU-tanh(x), computed in fp32: the FFN hidden activation is
-    read once, never written in bf16. A `torch.library` custom op with a fake implementation, so compiled
-    blocks trace through it.
+    gelu=True (modes "tensor" and "row") quantizes GELU-tanh(x), computed in fp32: the FFN hidden
+    activation is read (per-tensor: twice, amax first) but never written back in bf16. A `torch.library`
+    custom op with a fake implementation, so compiled blocks trace through it.
     """
     if mode not in ("tensor", "row", "block"):
         raise ValueError(f"unknown activation scaling {mode!r}; expected 'tensor', 'row' or 'block'")
-    if gelu and mode != "row":
-        raise ValueError("the fused GELU runs with rowwise activation scales only (mode='row')")
+    if gelu and mode == "block":
+        raise ValueError("the fused GELU runs with per-tensor or rowwise activation scales, not 'block'")
     return _quantize_op(x, mode, k_pad, m_pad or 0, gelu)
 
 
@@ -136,17 +155,23 @@ def _(x, mode, k_pad, m_pad, gelu):
 
 
 def _quantize(x: torch.Tensor, mode: str, k_pad: int, m_pad: int | None, gelu: bool = False):
-    triton, tensor_kernel, row_kernel, block_kernel = _kernels()
+    triton, tensor_kernel, row_kernel, block_kernel, gelu_amax_kernel = _kernels()
     M, K = x.shape
     Mp = m_pad or M
     q = torch.empty(Mp, k_pad, device=x.device, dtype=torch.float8_e4m3fn)
     if mode == "tensor":
         if Mp != M:
             q[M:].zero_()
-        amax = torch.linalg.vector_norm(x, float("inf")).float()  # one reduction, no |x| temporary
+        if gelu:  # pass 1: the amax of GELU(x), per tile, then over tiles (x is read twice, written never)
+            tiles = (triton.cdiv(M, 64), triton.cdiv(K, 128))
+            partial = torch.empty(tiles[0] * tiles[1], device=x.device, dtype=torch.float32)
+            gelu_amax_kernel[tiles](x, partial, M, K, x.stride(0), BLOCK_M=64, BLOCK_K=128)
+            amax = partial.amax()
+        else:
+            amax = torch.linalg.vector_norm(x, float("inf")).float()  # one reduction, no |x| temporary
         s = torch.empty(1, device=x.device, dtype=torch.float32)
         grid = (triton.cdiv(M, 64), triton.cdiv(k_pad, 128))
-        tensor_kernel[grid](x, q, amax, s, M, K, k_pad, x.stride(0), BLOCK_M=64, BLOCK_K=128)
+        tensor_kernel[grid](x, q, amax, s, M, K, k_pad, x.stride(0), GELU=gelu, BLOCK_M=64, BLOCK_K=128)
         return q, s
     if mode == "row":
         s = torch.empty(Mp, 1, device=x.device, dtype=torch.float32)
