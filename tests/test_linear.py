@@ -135,16 +135,26 @@ def test_fused_equals_separate(fmt):
     with torch.no_grad():
         qkv.weight.copy_(torch.cat(ws))
         qkv.bias.copy_(torch.cat(bs))
-    # svdquant's low-rank branch is a property of the whole matrix, not of each slice.
-    opts = {"rank": 0} if fmt == "svdquant" else {}
+    # svdquant's low-rank branch is a property of the whole matrix, not of each slice; fp8-per-tensor
+    # shares one scale unless asked for one per slice.
+    opts = {"rank": 0} if fmt == "svdquant" else {"slice_scales": True} if "per-tensor" in fmt else {}
     y = qkv.convert(fmt, **opts)(x)
     sep = torch.cat([make_linear(w, b).convert(fmt, **opts)(x) for w, b in zip(ws, bs)], dim=1)
     torch.testing.assert_close(y, sep, rtol=1e-5, atol=1e-5)
     if fmt == "fp8-per-tensor":
         scales = qkv.weight_scale.flatten()
         want = torch.stack([w.abs().amax() / 448 for w in ws])
-        assert scales.unique().numel() == 3
+        assert scales.unique().numel() == 3 and not qkv.single_scale
         torch.testing.assert_close(scales.view(3, d), want[:, None].expand(3, d))
+        shared = fused(k, d, ("to_q", "to_k", "to_v"))
+        with torch.no_grad():
+            shared.weight.copy_(torch.cat(ws))
+            shared.bias.copy_(torch.cat(bs))
+        ys = shared.convert(fmt)(x)
+        assert shared.single_scale and shared.weight_scale.unique().numel() == 1
+        # a 400x smaller slice stays in e4m3's normal range: its outputs keep fp8 precision
+        for a, b in zip(ys.split(d, dim=1), sep.split(d, dim=1)):
+            assert ((a - b).norm() / b.norm()).item() < 0.05
 
 
 def test_quantize_converts_filtered_linears_and_survives_moves(data):

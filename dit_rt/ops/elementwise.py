@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 
 import torch
 import torch.nn.functional as F
+
+E4M3 = torch.float8_e4m3fn
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -40,10 +43,11 @@ def _kernels():
 
     @triton.jit
     def ln_modulate_kernel(
-        x_ptr, out_ptr, shift_ptr, scale_ptr, L, D, eps,
-        stride_xr, stride_mb, HAS_MOD: tl.constexpr, BLOCK_D: tl.constexpr,
+        x_ptr, out_ptr, shift_ptr, scale_ptr, qscale_ptr, L, D, eps,
+        stride_xr, stride_mb, HAS_MOD: tl.constexpr, QUANT: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        # One token row: y = ((x - mean) * rstd) * scale + shift in fp32, stored in out's dtype.
+        # One token row: y = ((x - mean) * rstd) * scale + shift in fp32, stored in out's dtype
+        # (QUANT: stored as e4m3 codes of y / qscale, the caller's static per-tensor scale).
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
@@ -57,6 +61,8 @@ def _kernels():
             scale = tl.load(scale_ptr + b * stride_mb + cols, mask=mask, other=0.0)
             shift = tl.load(shift_ptr + b * stride_mb + cols, mask=mask, other=0.0)
             y = y * scale + shift
+        if QUANT:
+            y = tl.clamp(y / tl.load(qscale_ptr), -448.0, 448.0)
         tl.store(out_ptr + row.to(tl.int64) * D + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -120,12 +126,16 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 @torch.library.custom_op("dit_rt::ln_modulate", mutates_args=())
 def _ln_modulate_cuda(
-    x: torch.Tensor, shift: torch.Tensor | None, scale1: torch.Tensor | None, eps: float
+    x: torch.Tensor,
+    shift: torch.Tensor | None,
+    scale1: torch.Tensor | None,
+    eps: float,
+    qscale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     triton, kernel, _, _ = _kernels()
     B, L, D = x.shape
     x, rows, stride = _rows(x)
-    out = torch.empty(B, L, D, device=x.device, dtype=x.dtype)
+    out = torch.empty(B, L, D, device=x.device, dtype=x.dtype if qscale is None else E4M3)
     has_mod = shift is not None
     if has_mod:
         shift, scale1 = (
@@ -134,15 +144,16 @@ def _ln_modulate_cuda(
         )
     block = triton.next_power_of_2(D)
     kernel[(rows,)](
-        x, out, shift if has_mod else x, scale1 if has_mod else x, L, D, eps, stride, D,
-        HAS_MOD=has_mod, BLOCK_D=block, num_warps=_warps(block),
+        x, out, shift if has_mod else x, scale1 if has_mod else x, x if qscale is None else qscale,
+        L, D, eps, stride, D, HAS_MOD=has_mod, QUANT=qscale is not None, BLOCK_D=block,
+        num_warps=_warps(block),
     )  # fmt: skip
     return out
 
 
 @_ln_modulate_cuda.register_fake
-def _(x, shift, scale1, eps):
-    return torch.empty(x.shape, device=x.device, dtype=x.dtype)
+def _(x, shift, scale1, eps, qscale=None):
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype if qscale is None else E4M3)
 
 
 def layer_norm_modulate(
@@ -163,6 +174,36 @@ def layer_norm_modulate(
     if shift is not None:
         y = torch.addcmul(shift, y, scale1)
     return y.type_as(x)
+
+
+def layer_norm_modulate_fp8(
+    x: torch.Tensor,
+    shift: torch.Tensor | None,
+    scale1: torch.Tensor | None,
+    eps: float,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`layer_norm_modulate` straight to per-tensor e4m3 codes [B, L, D] and their dequant scale (1,).
+
+    The scale needs no pass over the activation: a LayerNorm output has sum(xhat^2) <= D, so every
+    |xhat_i| <= sqrt(D) and |y| <= sqrt(D) max|scale1| + max|shift|; that bound / 448 is the scale, from
+    the tiny modulation vectors alone. e4m3 being floating point, the typical |y| ~ 1 (codes ~ 448 /
+    sqrt(D)) keep full 3-bit precision; only |y| below ~2^-6 of that lose some. The fp8 GEMM that
+    consumes the codes then skips its own amax and cast passes.
+    """
+    if weight is not None:
+        scale1, shift = weight.float().view(1, 1, -1), bias.float().view(1, 1, -1)
+    bound = math.sqrt(x.shape[-1]) * (scale1.abs().amax() if scale1 is not None else 1.0)
+    if shift is not None:
+        bound = bound + shift.abs().amax()
+    qscale = (torch.as_tensor(bound, device=x.device).float().clamp_min(1e-12) / 448.0).reshape(1)
+    if _use_triton(x):
+        return _ln_modulate_cuda(x, shift, scale1, eps, qscale), qscale
+    y = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+    if shift is not None:
+        y = torch.addcmul(shift, y, scale1)
+    return (y / qscale).clamp(-448.0, 448.0).to(E4M3), qscale
 
 
 # ---------------------------------------------------------------------------------------- gated residual

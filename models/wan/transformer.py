@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dit_rt.ops import Attention, Linear, fused
-from dit_rt.ops.elementwise import gated_residual, layer_norm_modulate, rms_norm_rope
-from dit_rt.ops.linear import gelu_ffn
+from dit_rt.ops.elementwise import gated_residual, layer_norm_modulate, layer_norm_modulate_fp8, rms_norm_rope
+from dit_rt.ops.linear import Fp8Codes, gelu_ffn
 from dit_rt.parallel.sequence import SequencePlan
 from dit_rt.runner import BlockRunner
 
@@ -273,6 +273,15 @@ class ConditionEmbedder(nn.Module):
 # ------------------------------------------------------------------------------------------------ blocks
 
 
+def norm_into(linear: nn.Module, x: torch.Tensor, shift, scale1, eps: float, weight=None, bias=None):
+    """`layer_norm_modulate` of x for `linear`: as per-tensor fp8 codes when that Linear's format takes them
+    (its activation quantization then fuses into this pass), else in x's dtype."""
+    if isinstance(linear, Linear) and linear.takes_fp8_codes(x):
+        q, s = layer_norm_modulate_fp8(x, shift, scale1, eps, weight, bias)
+        return Fp8Codes(q, s, x.dtype)
+    return layer_norm_modulate(x, shift, scale1, eps, weight, bias)
+
+
 def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
     return x.unflatten(-1, (h, -1))  # [B, L, D] -> [B, L, H, Dh]
 
@@ -353,15 +362,16 @@ class WanBlock(nn.Module):
         # [B, 1, D] fp32 each, computed once per block.
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + tproj).chunk(6, dim=1)
 
-        # fp32 LayerNorm(x) * (1 + scale) + shift, in the model dtype for the next GEMM (one fused pass).
-        y = self.attn1(layer_norm_modulate(x, shift, 1 + scale, self.eps), rope)
+        # fp32 LayerNorm(x) * (1 + scale) + shift, in the model dtype for the next GEMM (one fused pass; fp8
+        # codes straight away when that GEMM is fp8 per-tensor).
+        y = self.attn1(norm_into(self.attn1.to_qkv, x, shift, 1 + scale, self.eps), rope)
         x = gated_residual(x, y, gate)  # x + y * gate in fp32
 
         n = self.norm2
-        y = layer_norm_modulate(x, None, None, n.eps, n.weight, n.bias) if n is not None else x
+        y = norm_into(self.attn2.to_q, x, None, None, n.eps, n.weight, n.bias) if n is not None else x
         x = x + self.attn2(y, context, context_img)  # no gate, model dtype (as the reference)
 
-        y = self.ffn(layer_norm_modulate(x, c_shift, 1 + c_scale, self.eps))
+        y = self.ffn(norm_into(self.ffn.net[0].proj, x, c_shift, 1 + c_scale, self.eps))
         return gated_residual(x, y, c_gate)
 
 

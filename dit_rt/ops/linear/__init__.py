@@ -5,7 +5,8 @@ high-precision weight, then `quantize_(model, fmt)` (or `Linear.convert`) turns 
 format once and frees the original: one copy of every weight. Formats (one file per family):
 
   default                 the model dtype, F.linear
-  fp8-per-tensor          e4m3, one weight scale per fused slice, dynamic per-tensor activation scale
+  fp8-per-tensor          e4m3, one weight scale (per fused slice with slice_scales=True), dynamic
+                          per-tensor activation scale
   fp8-rowwise             e4m3, per output-row weight scales, dynamic per-token activation scales
   fp8-blockwise           e4m3, 128x128 weight blocks, dynamic 1x128 activation blocks (DeepSeek-V3)
   nvfp4                   e2m1 in 16-blocks, e4m3 block scales, fp32 global scale per slice
@@ -20,11 +21,13 @@ emulation in fp32 (quantize -> dequantize -> matmul) with the same numerics, whi
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dit_rt.ops.linear import triton_quant
 from dit_rt.ops.linear.base import FLOAT_DTYPES, LinearFormat
 from dit_rt.ops.linear.fp8 import Fp8Blockwise, Fp8PerTensor, Fp8Rowwise, gelu_ffn
 from dit_rt.ops.linear.nvfp4 import Nvfp4
@@ -66,6 +69,28 @@ def get_format(name: str) -> LinearFormat | None:
     return LINEAR_FORMATS[name]
 
 
+class Fp8Codes(NamedTuple):
+    """An activation its producer already quantized (e.g. `layer_norm_modulate_fp8`): e4m3 codes and one
+    per-tensor dequant scale. A Linear whose format takes codes (`takes_fp8_codes`) accepts it in place of
+    a tensor and skips its own activation quantization."""
+
+    q: torch.Tensor  # [..., in_features] e4m3
+    scale: torch.Tensor  # (1,) fp32
+    dtype: torch.dtype  # the dtype the consumer returns (the model dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.q.is_cuda
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+
 class Linear(nn.Module):
     """y = x W^T + b, with `weight` (out, in) and `bias` (out,) named as in nn.Linear.
 
@@ -103,8 +128,8 @@ class Linear(nn.Module):
     def convert(self, fmt: str, **opts) -> Linear:
         """Convert the loaded weight to format `fmt` in place, once; frees the high-precision weight.
 
-        Fused projections keep per-slice scales in the per-tensor formats. Options are per format
-        (nvfp4: w4a4; svdquant: rank, group_size, w4a4, alpha, act_absmax).
+        Options are per format (fp8-per-tensor: slice_scales, one weight scale per fused slice instead of
+        one for the whole weight; nvfp4: w4a4; svdquant: rank, group_size, w4a4, alpha, act_absmax).
         """
         impl = get_format(fmt)
         if self.fmt != "default":
@@ -136,7 +161,27 @@ class Linear(nn.Module):
             self._buffers[k] = fn(t.reshape(-1).view(torch.uint8)).view(t.dtype).view(t.shape)
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def takes_fp8_codes(self, x: torch.Tensor) -> bool:
+        """Whether this Linear would take `x` as per-tensor fp8 codes (Fp8Codes) on this device: a format
+        with per-tensor activation codes, no K padding, and the real fp8 kernels."""
+        from dit_rt.ops.linear.fp8 import fp8_native
+
+        return (
+            getattr(self._format, "code_mode", None) == "tensor"
+            and self.qweight.shape[1] == self.in_features
+            and x.is_cuda
+            and fp8_native(x.device)
+            and triton_quant.available()
+        )
+
+    def forward(self, x: torch.Tensor | Fp8Codes) -> torch.Tensor:
+        if isinstance(x, Fp8Codes):
+            if getattr(self._format, "code_mode", None) != "tensor" or x.q.shape[-1] != self.qweight.shape[1]:
+                raise ValueError(
+                    f"a {self.fmt!r} Linear of {self.in_features} inputs cannot take these fp8 codes"
+                )
+            y = self._format.forward_codes(self, x.q.reshape(-1, x.q.shape[-1]), x.scale, x.dtype)
+            return y.reshape(*x.q.shape[:-1], self.out_features)
         if self._format is None:
             return F.linear(x, self.weight, self.bias)
         if x.shape[-1] != self.in_features:
@@ -182,6 +227,7 @@ def quantize_(
 
 __all__ = [
     "LINEAR_FORMATS",
+    "Fp8Codes",
     "Linear",
     "LinearFormat",
     "fused",
