@@ -43,11 +43,11 @@ def _kernels():
 
     @triton.jit
     def ln_modulate_kernel(
-        x_ptr, out_ptr, shift_ptr, scale_ptr, qscale_ptr, L, D, eps,
+        x_ptr, out_ptr, shift_ptr, scale_ptr, qinv_ptr, L, D, eps,
         stride_xr, stride_mb, HAS_MOD: tl.constexpr, QUANT: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         # One token row: y = ((x - mean) * rstd) * scale + shift in fp32, stored in out's dtype
-        # (QUANT: stored as e4m3 codes of y / qscale, the caller's static per-tensor scale).
+        # (QUANT: stored as e4m3 codes of y * qinv, qinv = 1 / the caller's static per-tensor scale).
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
@@ -62,7 +62,7 @@ def _kernels():
             shift = tl.load(shift_ptr + b * stride_mb + cols, mask=mask, other=0.0)
             y = y * scale + shift
         if QUANT:
-            y = tl.clamp(y / tl.load(qscale_ptr), -448.0, 448.0)
+            y = tl.clamp(y * tl.load(qinv_ptr), -448.0, 448.0)
         tl.store(out_ptr + row.to(tl.int64) * D + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -79,8 +79,8 @@ def _kernels():
 
     @triton.jit
     def rms_rope_kernel(
-        x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, L, D, HALF_DH, eps,
-        stride_xr, HAS_ROPE: tl.constexpr, BLOCK_P: tl.constexpr,
+        x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, qinv_ptr, L, D, HALF_DH, eps,
+        stride_xr, HAS_ROPE: tl.constexpr, QUANT: tl.constexpr, BLOCK_P: tl.constexpr,
     ):  # fmt: skip
         # One token row of D channels seen as D/2 interleaved pairs (a, b): RMSNorm over all D (rounded to the
         # output dtype, as the unfused reference does), then (a cos - b sin, a sin + b cos) per pair.
@@ -93,7 +93,7 @@ def _kernels():
         rstd = 1.0 / tl.sqrt((tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / D + eps)
         wa = tl.load(w_ptr + 2 * p, mask=mask, other=0.0).to(tl.float32)
         wb = tl.load(w_ptr + 2 * p + 1, mask=mask, other=0.0).to(tl.float32)
-        dt = out_ptr.dtype.element_ty
+        dt = x_ptr.dtype.element_ty  # the normed values are rounded to the model dtype, as unfused
         a = (a * rstd * wa).to(dt).to(tl.float32)
         b = (b * rstd * wb).to(dt).to(tl.float32)
         if HAS_ROPE:
@@ -101,9 +101,14 @@ def _kernels():
             c = tl.load(cos_ptr + j, mask=mask, other=1.0)
             s = tl.load(sin_ptr + j, mask=mask, other=0.0)
             a, b = a * c - b * s, a * s + b * c
+        if QUANT:  # e4m3 codes with the caller's static scale (1 / qinv)
+            inv = tl.load(qinv_ptr)
+            a = tl.clamp(a * inv, -448.0, 448.0)
+            b = tl.clamp(b * inv, -448.0, 448.0)
         out = out_ptr + row.to(tl.int64) * D
-        tl.store(out + 2 * p, a.to(dt), mask=mask)
-        tl.store(out + 2 * p + 1, b.to(dt), mask=mask)
+        ot = out_ptr.dtype.element_ty
+        tl.store(out + 2 * p, a.to(ot), mask=mask)
+        tl.store(out + 2 * p + 1, b.to(ot), mask=mask)
 
     return triton, ln_modulate_kernel, gated_residual_kernel, rms_rope_kernel
 
@@ -130,12 +135,12 @@ def _ln_modulate_cuda(
     shift: torch.Tensor | None,
     scale1: torch.Tensor | None,
     eps: float,
-    qscale: torch.Tensor | None = None,
+    qinv: torch.Tensor | None = None,
 ) -> torch.Tensor:
     triton, kernel, _, _ = _kernels()
     B, L, D = x.shape
     x, rows, stride = _rows(x)
-    out = torch.empty(B, L, D, device=x.device, dtype=x.dtype if qscale is None else E4M3)
+    out = torch.empty(B, L, D, device=x.device, dtype=x.dtype if qinv is None else E4M3)
     has_mod = shift is not None
     if has_mod:
         shift, scale1 = (
@@ -144,16 +149,16 @@ def _ln_modulate_cuda(
         )
     block = triton.next_power_of_2(D)
     kernel[(rows,)](
-        x, out, shift if has_mod else x, scale1 if has_mod else x, x if qscale is None else qscale,
-        L, D, eps, stride, D, HAS_MOD=has_mod, QUANT=qscale is not None, BLOCK_D=block,
+        x, out, shift if has_mod else x, scale1 if has_mod else x, x if qinv is None else qinv,
+        L, D, eps, stride, D, HAS_MOD=has_mod, QUANT=qinv is not None, BLOCK_D=block,
         num_warps=_warps(block),
     )  # fmt: skip
     return out
 
 
 @_ln_modulate_cuda.register_fake
-def _(x, shift, scale1, eps, qscale=None):
-    return torch.empty(x.shape, device=x.device, dtype=x.dtype if qscale is None else E4M3)
+def _(x, shift, scale1, eps, qinv=None):
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype if qinv is None else E4M3)
 
 
 def layer_norm_modulate(
@@ -197,13 +202,23 @@ def layer_norm_modulate_fp8(
     bound = math.sqrt(x.shape[-1]) * (scale1.abs().amax() if scale1 is not None else 1.0)
     if shift is not None:
         bound = bound + shift.abs().amax()
-    qscale = (torch.as_tensor(bound, device=x.device).float().clamp_min(1e-12) / 448.0).reshape(1)
+    qscale, qinv = _static_scale(bound, x.device)
     if _use_triton(x):
-        return _ln_modulate_cuda(x, shift, scale1, eps, qscale), qscale
+        return _ln_modulate_cuda(x, shift, scale1, eps, qinv), qscale
     y = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
     if shift is not None:
         y = torch.addcmul(shift, y, scale1)
-    return (y / qscale).clamp(-448.0, 448.0).to(E4M3), qscale
+    return _codes(y, qinv), qscale
+
+
+def _static_scale(bound, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dequant scale, its reciprocal) as (1,) fp32 tensors for values bounded by `bound`."""
+    qscale = (torch.as_tensor(bound, device=device).float().clamp_min(1e-12) / 448.0).reshape(1)
+    return qscale, 1.0 / qscale
+
+
+def _codes(y: torch.Tensor, qinv: torch.Tensor) -> torch.Tensor:
+    return (y.float() * qinv).clamp(-448.0, 448.0).to(E4M3)
 
 
 # ---------------------------------------------------------------------------------------- gated residual
@@ -239,25 +254,31 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
 
 @torch.library.custom_op("dit_rt::rms_norm_rope", mutates_args=())
 def _rms_norm_rope_cuda(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor | None, sin: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    qinv: torch.Tensor | None = None,
 ) -> torch.Tensor:
     triton, _, _, kernel = _kernels()
     B, L, D = x.shape
     x, rows, stride = _rows(x)
-    out = torch.empty(B, L, D, device=x.device, dtype=x.dtype)
+    out = torch.empty(B, L, D, device=x.device, dtype=x.dtype if qinv is None else E4M3)
     has_rope = cos is not None
     half_dh = cos.shape[-1] if has_rope else 1
     block = triton.next_power_of_2(D // 2)
     kernel[(rows,)](
-        x, weight, cos if has_rope else weight, sin if has_rope else weight, out, L, D, half_dh, eps, stride,
-        HAS_ROPE=has_rope, BLOCK_P=block, num_warps=_warps(block),
+        x, weight, cos if has_rope else weight, sin if has_rope else weight, out,
+        weight if qinv is None else qinv, L, D, half_dh, eps, stride,
+        HAS_ROPE=has_rope, QUANT=qinv is not None, BLOCK_P=block, num_warps=_warps(block),
     )  # fmt: skip
     return out
 
 
 @_rms_norm_rope_cuda.register_fake
-def _(x, weight, eps, cos, sin):
-    return torch.empty(x.shape, device=x.device, dtype=x.dtype)
+def _(x, weight, eps, cos, sin, qinv=None):
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype if qinv is None else E4M3)
 
 
 def rms_norm_rope(
@@ -278,3 +299,30 @@ def rms_norm_rope(
         return _rms_norm_rope_cuda(x, weight.to(x.dtype), eps, c, s).unflatten(-1, (heads, -1))
     y = F.rms_norm(x, x.shape[-1:], weight, eps).unflatten(-1, (heads, -1))  # [B, L, H, Dh]
     return y if cos is None else apply_rope(y, cos, sin)
+
+
+def rms_norm_rope_fp8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    heads: int,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rms_norm_rope` straight to per-tensor e4m3 codes [B, L, heads, Dh] and their dequant scale (1,).
+
+    Static scale, no pass over the activation: the RMS-normalised row has sum(xhat^2) <= D, so each
+    |xhat_i| <= sqrt(D); times the norm weight and through RoPE (a rotation of channel pairs, which keeps a
+    pair's length) every output is within sqrt(D) max|weight|. fp8 attention (fa3-fp8) takes the codes as
+    they are, skipping its own amax and cast passes over q and k.
+    """
+    qscale, qinv = _static_scale(math.sqrt(x.shape[-1]) * weight.float().abs().amax(), x.device)
+    if _use_triton(x) and x.stride(-1) == 1:
+        c = s = None
+        if cos is not None:
+            c, s = cos.reshape(x.shape[1], -1).contiguous(), sin.reshape(x.shape[1], -1).contiguous()
+        q = _rms_norm_rope_cuda(x, weight.to(x.dtype), eps, c, s, qinv)
+        return q.unflatten(-1, (heads, -1)), qscale
+    y = F.rms_norm(x, x.shape[-1:], weight, eps).unflatten(-1, (heads, -1))  # rounded to x's dtype
+    y = y.float() if cos is None else apply_rope(y.float(), cos, sin)  # then fp32 into the codes
+    return _codes(y, qinv), qscale

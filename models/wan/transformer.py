@@ -25,7 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dit_rt.ops import Attention, Linear, fused
-from dit_rt.ops.elementwise import gated_residual, layer_norm_modulate, layer_norm_modulate_fp8, rms_norm_rope
+from dit_rt.ops.elementwise import (
+    gated_residual,
+    layer_norm_modulate,
+    layer_norm_modulate_fp8,
+    rms_norm_rope,
+    rms_norm_rope_fp8,
+)
 from dit_rt.ops.linear import Fp8Codes, gelu_ffn
 from dit_rt.parallel.sequence import SequencePlan
 from dit_rt.runner import BlockRunner
@@ -282,6 +288,19 @@ def norm_into(linear: nn.Module, x: torch.Tensor, shift, scale1, eps: float, wei
     return layer_norm_modulate(x, shift, scale1, eps, weight, bias)
 
 
+def rms_norm_into(attn: Attention, x: torch.Tensor):
+    """`rms_norm_rope` for `attn`'s inputs: a variant returning per-tensor fp8 codes when its backend takes
+    them (fa3-fp8; its own amax and cast passes over q / k then disappear), else the plain one."""
+    if not (attn.takes_fp8_codes and x.is_cuda):
+        return rms_norm_rope
+
+    def to_codes(x, weight, eps, heads, cos=None, sin=None) -> Fp8Codes:
+        q, s = rms_norm_rope_fp8(x, weight, eps, heads, cos, sin)
+        return Fp8Codes(q, s, x.dtype)
+
+    return to_codes
+
+
 def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
     return x.unflatten(-1, (h, -1))  # [B, L, D] -> [B, L, H, Dh]
 
@@ -301,8 +320,9 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: RotaryFreqs) -> torch.Tensor:
         q, k, v = self.to_qkv(x).chunk(3, dim=-1)  # [B, L, D] views of one [B, L, 3D] GEMM output
         nq, nk, h = self.norm_q, self.norm_k, self.heads
-        q = rms_norm_rope(q, nq.weight, nq.eps, h, rope.cos, rope.sin)  # [B, L, H, Dh], one fused pass
-        k = rms_norm_rope(k, nk.weight, nk.eps, h, rope.cos, rope.sin)
+        norm = rms_norm_into(self.attn, q)
+        q = norm(q, nq.weight, nq.eps, h, rope.cos, rope.sin)  # [B, L, H, Dh], one fused pass
+        k = norm(k, nk.weight, nk.eps, h, rope.cos, rope.sin)
         o = self.attn(q, k, _heads(v, h))  # [B, L, H, Dh]
         return self.to_out[0](o.flatten(2))
 
@@ -329,7 +349,8 @@ class CrossAttention(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None
     ) -> torch.Tensor:
         h = self.heads
-        q = rms_norm_rope(self.to_q(x), self.norm_q.weight, self.norm_q.eps, h)  # [B, L, H, Dh]
+        q = self.to_q(x)
+        q = rms_norm_into(self.attn, q)(q, self.norm_q.weight, self.norm_q.eps, h)  # [B, L, H, Dh], for both
         k, v = self.to_kv(context).chunk(2, dim=-1)  # [B, Lt, D] each
         o = self.attn(q, _heads(self.norm_k(k), h), _heads(v, h))  # [B, L, H, Dh]
         if self.add_kv is not None:

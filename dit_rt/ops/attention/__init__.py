@@ -75,6 +75,12 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.op: AttentionBackend = SDPA
 
+    @property
+    def takes_fp8_codes(self) -> bool:
+        """Whether the installed backend takes q/k/v as `Fp8Codes` (per-tensor e4m3 from their producer)
+        as well as tensors: fa3-fp8, called directly (not through a sequence-parallel wrapper)."""
+        return getattr(self.op, "name", None) == "fa3-fp8"
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None):
         return self.op(q, k, v, scale)
 

@@ -17,6 +17,7 @@ import torch
 from dit_rt.ops.attention.fp8 import quantize_fp8
 from dit_rt.ops.attention.registry import AttentionBackend, Reason, Result, register_backend
 from dit_rt.ops.attention.sdpa import math_attention
+from dit_rt.ops.codes import Fp8Codes
 
 FP8 = (torch.float8_e4m3fn,)
 MODULES = ("flash_attn_interface", "fa3_fwd_interface")
@@ -140,14 +141,28 @@ def fa3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, 
     return (out, lse) if return_lse else out
 
 
+def fp8_operand(x: torch.Tensor | Fp8Codes, heads_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 data [B, L, H, D], descale [B, heads_kv]) for FA3: codes as their producer made them (one
+    scale for every head), a tensor quantized here with one scale per (batch, kv head)."""
+    if isinstance(x, Fp8Codes):
+        return x.q, x.scale.float().view(1, 1).expand(x.q.shape[0], heads_kv).contiguous()
+    f = quantize_fp8(x, num_scales=heads_kv)
+    return f.data, f.descale
+
+
 def fa3_fp8(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, return_lse: bool
+    q: torch.Tensor | Fp8Codes,
+    k: torch.Tensor | Fp8Codes,
+    v: torch.Tensor | Fp8Codes,
+    scale: float | None,
+    return_lse: bool,
 ) -> Result:
-    """Quantize q/k/v to e4m3 with per-(batch, kv head) scales, run FA3 fp8; out in q's dtype."""
+    """Quantize q/k/v to e4m3 with per-(batch, kv head) scales (or take them as producer-made Fp8Codes),
+    run FA3 fp8; out in q's (model) dtype."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     heads_kv = k.shape[2]
-    fq, fk, fv = (quantize_fp8(x, num_scales=heads_kv) for x in (q, k, v))
-    out, lse = torch.ops.dit_rt.fa3_fwd(fq.data, fk.data, fv.data, scale, fq.descale, fk.descale, fv.descale)
+    (fq, sq), (fk, sk), (fv, sv) = (fp8_operand(x, heads_kv) for x in (q, k, v))
+    out, lse = torch.ops.dit_rt.fa3_fwd(fq, fk, fv, scale, sq, sk, sv)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 

@@ -21,12 +21,12 @@ emulation in fp32 (quantize -> dequantize -> matmul) with the same numerics, whi
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dit_rt.ops.codes import Fp8Codes
 from dit_rt.ops.linear import triton_quant
 from dit_rt.ops.linear.base import FLOAT_DTYPES, LinearFormat
 from dit_rt.ops.linear.fp8 import Fp8Blockwise, Fp8PerTensor, Fp8Rowwise, gelu_ffn
@@ -67,28 +67,6 @@ def get_format(name: str) -> LinearFormat | None:
     if name not in LINEAR_FORMATS:
         raise ValueError(f"unknown linear format {name!r}; valid: {', '.join(LINEAR_FORMATS)}")
     return LINEAR_FORMATS[name]
-
-
-class Fp8Codes(NamedTuple):
-    """An activation its producer already quantized (e.g. `layer_norm_modulate_fp8`): e4m3 codes and one
-    per-tensor dequant scale. A Linear whose format takes codes (`takes_fp8_codes`) accepts it in place of
-    a tensor and skips its own activation quantization."""
-
-    q: torch.Tensor  # [..., in_features] e4m3
-    scale: torch.Tensor  # (1,) fp32
-    dtype: torch.dtype  # the dtype the consumer returns (the model dtype)
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.q.shape
-
-    @property
-    def is_cuda(self) -> bool:
-        return self.q.is_cuda
-
-    @property
-    def device(self) -> torch.device:
-        return self.q.device
 
 
 class Linear(nn.Module):
