@@ -333,7 +333,7 @@ def main():
             f"| {r['model']} | {r['ms']:.0f} | {r['diffusers_ms']:.0f} | {r['ratio']:.2f} | {tf} | "
             f"{r['peak_gib']:.1f} / {r['diffusers_peak_gib']:.1f} | {r['rel_err_vs_diffusers']:.1e} |"
         )
-        for v in r["fast"]:
+        for v in r.get("fast", []):
             step = f" (guided step {v['cfg_step_ms']:.0f} ms)" if "cfg_step_ms" in v else ""
             print(
                 f"| {r['model']} fast {v['spec']}{step} | {v['ms']:.0f} | {r['diffusers_ms']:.0f} "
