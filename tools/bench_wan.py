@@ -99,15 +99,21 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def parse_fast(spec: str) -> tuple[str, tuple[str, ...], str]:
-    """A fast-mode variant "LINEAR[@LAYER/LAYER...]+ATTENTION" -> (format, layer name parts, attention).
+def parse_fast(spec: str) -> tuple[str, tuple[str, ...], str, tuple[str, ...]]:
+    """A fast-mode variant "LINEAR[@LAYER/LAYER...]+ATTENTION[+compile][+graphs]" -> (format, layer name
+    parts, attention, runtime flags).
 
     LINEAR is a linear format or "bf16" (none); LAYERs restrict it to block linears whose names contain one
-    of them (e.g. "ffn/to_qkv"); ATTENTION defaults to fa3-fp8. "fp8-per-tensor" = every block linear.
+    of them (e.g. "ffn/to_qkv"); ATTENTION defaults to fa3-fp8; "compile" applies per-block torch.compile,
+    "graphs" CUDA graphs of the block loop. "fp8-per-tensor" = every block linear, fa3-fp8, eager.
     """
-    linear, _, attention = spec.partition("+")
+    linear, _, rest = spec.partition("+")
     linear, _, layers = linear.partition("@")
-    return linear, tuple(filter(None, layers.split("/"))), attention or "fa3-fp8"
+    attention, *flags = rest.split("+") if rest else [""]
+    unknown = set(flags) - {"compile", "graphs"}
+    if unknown:
+        raise ValueError(f"fast variant {spec!r}: unknown flags {sorted(unknown)}; use +compile / +graphs")
+    return linear, tuple(filter(None, layers.split("/"))), attention or "fa3-fp8", tuple(flags)
 
 
 def bench_transformer(
@@ -170,13 +176,21 @@ def bench_transformer(
     ours = out = None
 
     def fast_variant(spec: str, with_step: bool) -> dict:
-        linear, layers, fast_attention = parse_fast(spec)
+        linear, layers, fast_attention, flags = parse_fast(spec)
         fresh()
         model = build(fast_attention)
         if linear != "bf16":
             quantize_(
                 model.blocks, linear, filter=(lambda n, m: any(p in n for p in layers)) if layers else None
             )
+        if "compile" in flags:  # compiled at the first (warm-up) call
+            from dit_rt.compile import apply_compile
+
+            apply_compile(model, cuda_graphs="graphs" in flags)
+        elif "graphs" in flags:
+            from dit_rt.graphs import apply_cuda_graphs
+
+            apply_cuda_graphs(model)
 
         def forward(c=ctx):
             return model(x, t, c, img) if img is not None else model(x, t, c)
@@ -201,7 +215,7 @@ def bench_transformer(
         print(json.dumps(row), flush=True)
         return row
 
-    fast = [fast_variant(spec, cfg_step and i == 0) for i, spec in enumerate(variants)]
+    fast = [fast_variant(spec, cfg_step) for spec in variants]
     ours = out = None
     fresh()
 
@@ -295,9 +309,10 @@ def main():
     p.add_argument(
         "--fast",
         default="",
-        help="comma-separated fast variants LINEAR[@LAYER/...]+ATTENTION, e.g. fp8-rowwise@ffn+fa3-fp8",
+        help="comma-separated fast variants LINEAR[@LAYER/...]+ATTENTION[+compile][+graphs], e.g. "
+        "fp8-rowwise@ffn+fa3-fp8 or fp8-per-tensor+fa3-fp8+compile",
     )
-    p.add_argument("--cfg-step", action="store_true", help="a full guided step with the first fast variant")
+    p.add_argument("--cfg-step", action="store_true", help="also time a full guided step per fast variant")
     p.add_argument("--profile", action="store_true", help="print dit_rt's kernels by GPU time per mode")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
