@@ -185,3 +185,31 @@ def test_rms_norm_rope_straight_to_fp8_codes():
     assert not attn.takes_fp8_codes  # sdpa
     attn.op = FA3_FP8
     assert attn.takes_fp8_codes and rms_norm_into(attn, x) is rms_norm_rope  # CPU tensors: plain path
+
+
+def test_attention_values_and_output_as_codes():
+    """v as per-tensor codes (from a strided q/k/v slice), then the attention output quantized with the
+    bound |o| <= max|v| instead of an amax pass: even one-hot attention (o = a row of v) does not saturate,
+    and text + image outputs are summed in the same pass."""
+    from models.wan.transformer import out_codes, v_codes
+
+    torch.manual_seed(0)
+    B, L, H, Dh = 2, 10, 4, 16
+    qkv = torch.randn(B, L, 3 * H * Dh)
+    v = qkv[..., 2 * H * Dh :]
+    vq = v_codes(v, H)
+    assert vq.q.shape == (B, L, H, Dh) and vq.q.dtype == torch.float8_e4m3fn and vq.scale.shape == (1,)
+    vd = vq.q.float() * vq.scale
+    assert ((vd - v.unflatten(-1, (H, Dh))).norm() / v.norm()).item() < 0.05
+    flat = torch.softmax(torch.randn(B, H, L, L), dim=-1)
+    peaky = torch.nn.functional.one_hot(torch.randint(0, L, (B, H, L)), L).float()  # o = a row of v
+    for p in (flat, peaky):
+        o = torch.einsum("bhqk,bkhd->bqhd", p, vd)
+        codes = out_codes(o, [vq.scale])
+        assert codes.q.shape == (B, L, H * Dh) and codes.q.float().abs().max() < 448
+        deq = codes.q.float() * codes.scale
+        assert ((deq - o.flatten(2)).norm() / o.norm()).item() < 0.08
+    o2 = torch.einsum("bhqk,bkhd->bqhd", flat, vd * 0.5)
+    both = out_codes(o, [vq.scale, vq.scale * 0.5], o2)
+    ref = (o + o2).flatten(2)
+    assert ((both.q.float() * both.scale - ref).norm() / ref.norm()).item() < 0.08

@@ -33,6 +33,8 @@ from dit_rt.ops.elementwise import (
     rms_norm_rope_fp8,
 )
 from dit_rt.ops.linear import Fp8Codes, gelu_ffn
+from dit_rt.ops.linear.fp8 import quantize_act
+from dit_rt.ops.linear.triton_quant import quantize_bounded
 from dit_rt.parallel.sequence import SequencePlan
 from dit_rt.runner import BlockRunner
 
@@ -301,6 +303,26 @@ def rms_norm_into(attn: Attention, x: torch.Tensor):
     return to_codes
 
 
+def v_codes(v: torch.Tensor, heads: int) -> Fp8Codes:
+    """Attention values [B, L, D] (a strided slice of a fused projection) as per-tensor e4m3 codes
+    [B, L, H, Dh]: one amax pass and one cast, as the attention would do itself, but with a scale the
+    caller knows, which bounds the attention's output (`out_codes`)."""
+    B, L, D = v.shape
+    q, s = quantize_act(v.reshape(B * L, D), "tensor", D)
+    return Fp8Codes(q.view(B, L, heads, D // heads), s, v.dtype)
+
+
+def out_codes(o: torch.Tensor, v_scales: list[torch.Tensor], o2: torch.Tensor | None = None) -> Fp8Codes:
+    """An attention output o [B, L, H, Dh] (plus a second one, o2, summed in: Wan I2V's text and image
+    attentions) as per-tensor codes for the output projection, in one pass without an amax: softmax
+    weights sum to 1, so |o| <= max|v| <= 448 s_v for fp8 values of scale s_v; the bound gets 1/8 of
+    headroom for FA3 rounding the softmax weights to e4m3."""
+    B, L = o.shape[:2]
+    bound = sum(v_scales) * (448.0 * 1.125)
+    q, s = quantize_bounded(o.reshape(B * L, -1), bound, None if o2 is None else o2.reshape(B * L, -1))
+    return Fp8Codes(q.view(B, L, -1), s, o.dtype)
+
+
 def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
     return x.unflatten(-1, (h, -1))  # [B, L, D] -> [B, L, H, Dh]
 
@@ -323,8 +345,12 @@ class SelfAttention(nn.Module):
         norm = rms_norm_into(self.attn, q)
         q = norm(q, nq.weight, nq.eps, h, rope.cos, rope.sin)  # [B, L, H, Dh], one fused pass
         k = norm(k, nk.weight, nk.eps, h, rope.cos, rope.sin)
+        out = self.to_out[0]
+        if isinstance(q, Fp8Codes) and out.takes_fp8_codes(v):  # fp8 end to end: v and o as codes too
+            vq = v_codes(v, h)
+            return out(out_codes(self.attn(q, k, vq), [vq.scale]))
         o = self.attn(q, k, _heads(v, h))  # [B, L, H, Dh]
-        return self.to_out[0](o.flatten(2))
+        return out(o.flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -352,11 +378,21 @@ class CrossAttention(nn.Module):
         q = self.to_q(x)
         q = rms_norm_into(self.attn, q)(q, self.norm_q.weight, self.norm_q.eps, h)  # [B, L, H, Dh], for both
         k, v = self.to_kv(context).chunk(2, dim=-1)  # [B, Lt, D] each
+        out = self.to_out[0]
+        if isinstance(q, Fp8Codes) and out.takes_fp8_codes(v):  # fp8 end to end: v and o as codes too
+            vq = v_codes(v, h)
+            o = self.attn(q, _heads(self.norm_k(k), h), vq)
+            if self.add_kv is None:
+                return out(out_codes(o, [vq.scale]))
+            k, v = self.add_kv(context_img).chunk(2, dim=-1)
+            vi = v_codes(v, h)
+            o_img = self.attn(q, _heads(self.norm_added_k(k), h), vi)
+            return out(out_codes(o, [vq.scale, vi.scale], o_img))  # the sum happens in the same pass
         o = self.attn(q, _heads(self.norm_k(k), h), _heads(v, h))  # [B, L, H, Dh]
         if self.add_kv is not None:
             k, v = self.add_kv(context_img).chunk(2, dim=-1)  # [B, Li, D] each
             o = o + self.attn(q, _heads(self.norm_added_k(k), h), _heads(v, h))
-        return self.to_out[0](o.flatten(2))
+        return out(o.flatten(2))
 
 
 class WanBlock(nn.Module):

@@ -45,18 +45,22 @@ def _kernels():
 
     @triton.jit
     def tensor_kernel(
-        x_ptr, q_ptr, amax_ptr, s_ptr, M, K, Kp, stride_xm,
-        GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr, q_ptr, amax_ptr, s_ptr, M, K, Kp, stride_xm, y_ptr, stride_ym,
+        GELU: tl.constexpr, HAS_Y: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
+        # Codes of x (HAS_Y: of x + y) with the scale amax / 448; amax is measured or a known bound.
         pid_m, pid_k = tl.program_id(0), tl.program_id(1)
         scale = tl.maximum(tl.load(amax_ptr).to(tl.float32), 1e-12) / 448.0
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :],
-            mask=(rows < M)[:, None] & (cols < K)[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        mask = (rows < M)[:, None] & (cols < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=mask, other=0.0).to(
+            tl.float32
+        )
+        if HAS_Y:
+            x += tl.load(
+                y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :], mask=mask, other=0.0
+            ).to(tl.float32)
         if GELU:
             u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
             x = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
@@ -171,7 +175,9 @@ def _quantize(x: torch.Tensor, mode: str, k_pad: int, m_pad: int | None, gelu: b
             amax = torch.linalg.vector_norm(x, float("inf")).float()  # one reduction, no |x| temporary
         s = torch.empty(1, device=x.device, dtype=torch.float32)
         grid = (triton.cdiv(M, 64), triton.cdiv(k_pad, 128))
-        tensor_kernel[grid](x, q, amax, s, M, K, k_pad, x.stride(0), GELU=gelu, BLOCK_M=64, BLOCK_K=128)
+        tensor_kernel[grid](
+            x, q, amax, s, M, K, k_pad, x.stride(0), x, 0, GELU=gelu, HAS_Y=False, BLOCK_M=64, BLOCK_K=128
+        )
         return q, s
     if mode == "row":
         s = torch.empty(Mp, 1, device=x.device, dtype=torch.float32)
@@ -187,3 +193,37 @@ def _quantize(x: torch.Tensor, mode: str, k_pad: int, m_pad: int | None, gelu: b
         grid = (triton.cdiv(Mp, 32), n_blocks)
         block_kernel[grid](x, q, s, M, Mp, K, k_pad, x.stride(0), BLOCK_M=32)
         return q, s.t()
+
+
+def quantize_bounded(
+    x: torch.Tensor, bound: torch.Tensor, y: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor e4m3 codes (M, K) of x (or of x + y), x / y (M, K) with contiguous rows, and the dequant
+    scale (1,) = bound / 448, where `bound` (a tensor, on x's device) is known to cover |x (+ y)|: one
+    pass, no amax (e.g. an attention output is bounded by its values' range). Saturates if it does not."""
+    return _quantize_bounded_op(x, bound.reshape(1).float(), y)
+
+
+@torch.library.custom_op("dit_rt::fp8_quantize_bounded", mutates_args=())
+def _quantize_bounded_op(
+    x: torch.Tensor, bound: torch.Tensor, y: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    M, K = x.shape
+    if not (x.is_cuda and _HAVE_TRITON):
+        v = x.float() if y is None else x.float() + y.float()
+        s = bound.clamp_min(1e-12) / 448.0
+        return (v / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), s
+    triton, tensor_kernel = _kernels()[:2]
+    q = torch.empty(M, K, device=x.device, dtype=torch.float8_e4m3fn)
+    s = torch.empty(1, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(M, 64), triton.cdiv(K, 128))
+    tensor_kernel[grid](
+        x, q, bound, s, M, K, K, x.stride(0), x if y is None else y, 0 if y is None else y.stride(0),
+        GELU=False, HAS_Y=y is not None, BLOCK_M=64, BLOCK_K=128,
+    )  # fmt: skip
+    return q, s
+
+
+@_quantize_bounded_op.register_fake
+def _(x, bound, y):
+    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(1, dtype=torch.float32)
