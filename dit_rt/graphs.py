@@ -123,9 +123,6 @@ class StackGraphs:
         inputs = [t for t in static if isinstance(t, torch.Tensor)]
         return _Graph(inputs, replay, out, weights)
 
-    def clear(self) -> None:
-        self.graphs.clear()
-
 
 def apply_cuda_graphs(model: nn.Module, capture: Capture | None = None) -> StackGraphs:
     """Replay `model`'s block stack from CUDA graphs (captured per input signature at first use).

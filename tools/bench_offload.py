@@ -26,6 +26,7 @@ import statistics
 import time
 
 import torch
+from bench_wan import profile  # tools/ is on the path when a tool runs as a script
 
 from dit_rt.compile import apply_compile, remove_compile
 from dit_rt.graphs import apply_cuda_graphs, remove_cuda_graphs
@@ -139,16 +140,6 @@ def bench_offload(args, device, dtype) -> list[dict]:
     return rows
 
 
-def profile_top(model, inputs, label: str, rows: int = 12) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
-        model(*inputs)
-        torch.cuda.synchronize()
-    print(f"--- {label}: kernels by GPU time", flush=True)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=80))
-
-
 def bench_compile(args, device, dtype) -> list[dict]:
     """Per latent and variant: the variant's model and an eager twin with the same weights, timed in
     alternation (eager, variant, eager, ...) so clock drift over the run hits both sides alike."""
@@ -176,7 +167,7 @@ def bench_compile(args, device, dtype) -> list[dict]:
             eager_first = timed(functools.partial(base, *inputs), device)
             ref = base(*inputs).float()
         if args.profile and device.type == "cuda":
-            profile_top(base, inputs, f"eager {label}")
+            profile(functools.partial(base, *inputs), f"eager {label}")
         for name, kw in variants:
             torch._dynamo.reset()
             if kw.get("compile"):
@@ -195,7 +186,7 @@ def bench_compile(args, device, dtype) -> list[dict]:
                 ]
                 out = model(*inputs).float()
             if args.profile and device.type == "cuda" and name == "compile":
-                profile_top(model, inputs, f"{name} {label}")
+                profile(functools.partial(model, *inputs), f"{name} {label}")
             eager_s, step_s = (statistics.median(p[i] for p in pairs) for i in (0, 1))
             r = dict(
                 run=name,

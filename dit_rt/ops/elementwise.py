@@ -166,14 +166,22 @@ def layer_norm_modulate(
 ) -> torch.Tensor:
     """fp32 LayerNorm of x [B, L, D] times `scale1` plus `shift` ([B, 1, D] fp32, the adaLN modulation with
     the 1 already added), or with an affine `weight` / `bias` [D]; returned in x's dtype."""
-    if weight is not None:  # the affine LayerNorm is the same kernel with a batch-independent modulation
-        scale1, shift = weight.float().view(1, 1, -1), bias.float().view(1, 1, -1)
+    scale1, shift = _modulation(scale1, shift, weight, bias)
     if _use_triton(x):
         return _ln_modulate_cuda(x, shift, scale1, eps)
+    return _layer_norm_fp32(x, shift, scale1, eps).type_as(x)
+
+
+def _modulation(scale1, shift, weight, bias):
+    """(scale1, shift): the affine LayerNorm is the same kernel with a batch-independent modulation."""
+    if weight is None:
+        return scale1, shift
+    return weight.float().view(1, 1, -1), bias.float().view(1, 1, -1)
+
+
+def _layer_norm_fp32(x, shift, scale1, eps) -> torch.Tensor:
     y = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
-    if shift is not None:
-        y = torch.addcmul(shift, y, scale1)
-    return y.type_as(x)
+    return y if shift is None else torch.addcmul(shift, y, scale1)
 
 
 def layer_norm_modulate_fp8(
@@ -192,18 +200,14 @@ def layer_norm_modulate_fp8(
     sqrt(D)) keep full 3-bit precision; only |y| below ~2^-6 of that lose some. The fp8 GEMM that
     consumes the codes then skips its own amax and cast passes.
     """
-    if weight is not None:
-        scale1, shift = weight.float().view(1, 1, -1), bias.float().view(1, 1, -1)
+    scale1, shift = _modulation(scale1, shift, weight, bias)
     bound = math.sqrt(x.shape[-1]) * (scale1.abs().amax() if scale1 is not None else 1.0)
     if shift is not None:
         bound = bound + shift.abs().amax()
     qscale, qinv = _static_scale(bound, x.device)
     if _use_triton(x):
         return _ln_modulate_cuda(x, shift, scale1, eps, qinv), qscale
-    y = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
-    if shift is not None:
-        y = torch.addcmul(shift, y, scale1)
-    return _codes(y, qinv), qscale
+    return _codes(_layer_norm_fp32(x, shift, scale1, eps), qinv), qscale
 
 
 def _static_scale(bound, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,6 +280,13 @@ def _(x, weight, eps, cos, sin, qinv=None):
     return torch.empty(x.shape, device=x.device, dtype=x.dtype if qinv is None else E4M3)
 
 
+def _rope_rows(x: torch.Tensor, cos, sin):
+    """The RoPE tables as the kernel reads them, [L, Dh/2] (views of the [L, 1, Dh/2] tables), or Nones."""
+    if cos is None:
+        return None, None
+    return cos.reshape(x.shape[1], -1).contiguous(), sin.reshape(x.shape[1], -1).contiguous()
+
+
 def rms_norm_rope(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -288,9 +299,7 @@ def rms_norm_rope(
     fused qkv output), then, with `cos`/`sin` ([L, 1, Dh/2] fp32), RoPE on interleaved channel pairs of each
     head. Returns [B, L, heads, D / heads] in x's dtype."""
     if _use_triton(x) and x.stride(-1) == 1:
-        c = s = None
-        if cos is not None:
-            c, s = cos.reshape(x.shape[1], -1).contiguous(), sin.reshape(x.shape[1], -1).contiguous()
+        c, s = _rope_rows(x, cos, sin)
         return _rms_norm_rope_cuda(x, weight.to(x.dtype), eps, c, s).unflatten(-1, (heads, -1))
     y = F.rms_norm(x, x.shape[-1:], weight, eps).unflatten(-1, (heads, -1))  # [B, L, H, Dh]
     return y if cos is None else apply_rope(y, cos, sin)
@@ -313,9 +322,7 @@ def rms_norm_rope_fp8(
     """
     qscale, qinv = _static_scale(math.sqrt(x.shape[-1]) * weight.float().abs().amax(), x.device)
     if _use_triton(x) and x.stride(-1) == 1:
-        c = s = None
-        if cos is not None:
-            c, s = cos.reshape(x.shape[1], -1).contiguous(), sin.reshape(x.shape[1], -1).contiguous()
+        c, s = _rope_rows(x, cos, sin)
         q = _rms_norm_rope_cuda(x, weight.to(x.dtype), eps, c, s, qinv)
         return q.unflatten(-1, (heads, -1)), qscale
     y = F.rms_norm(x, x.shape[-1:], weight, eps).unflatten(-1, (heads, -1))  # rounded to x's dtype
