@@ -95,7 +95,7 @@ for dt in (torch.float32, torch.bfloat16):
     # torch paths. The interpreter's e4m3 cast truncates where the GPU rounds (a carry into the exponent is
     # lost, halving the code) and its bf16 rounding differs (RoPE's a cos - b sin cancels): codes agree to
     # one e4m3 step, or to 2^-6 of the largest code where the rotation cancels.
-    ref_q, qs = E.layer_norm_modulate_fp8(x, shift, scale1, 1e-6)
+    ref_q, qs = E.layer_norm_modulate_fp8(x, shift, scale1, 1e-6)[:2]
     got_q = E._ln_modulate_cuda(x, shift, scale1, 1e-6, 1.0 / qs)
     rq, rs = E.rms_norm_rope_fp8(q, wq, 1e-6, H, cos, sin)  # q: a strided slice of a fused qkv output
     gq = E._rms_norm_rope_cuda(q, wq, 1e-6, c, s, 1.0 / rs).unflatten(-1, (H, -1))
@@ -136,17 +136,22 @@ def test_layer_norm_straight_to_fp8_codes(affine):
     else:
         shift, scale1, w, b = torch.randn(B, 1, D), 1 + torch.randn(B, 1, D), None, None
     ref = layer_norm_modulate(x, shift, scale1, 1e-6, w, b)
-    q, s = layer_norm_modulate_fp8(x, shift, scale1, 1e-6, w, b)
+    codes = layer_norm_modulate_fp8(x, shift, scale1, 1e-6, w, b)
+    q, s = codes.q, codes.scale
     assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape and s.shape == (1,)
     assert q.float().abs().max() < 448  # the bound held: nothing clipped, even the spike
     deq = q.float() * s
     assert ((deq - ref).norm() / ref.norm()).item() < 0.05
+    # The row-norm bound covers every dequantized row, the spike's included, and is not vacuous.
+    norms = deq.norm(dim=-1)
+    assert codes.row_norm.shape == (1,) and (norms <= codes.row_norm).all()
+    assert codes.row_norm < 4 * norms.max()
     lin = Linear(D, 32)
     torch.nn.init.normal_(lin.weight, std=D**-0.5)
     torch.nn.init.normal_(lin.bias, std=0.1)
     exact = lin(ref)
     lin.convert("fp8-per-tensor")
-    got = lin(Fp8Codes(q, s, x.dtype))
+    got = lin(codes)
     assert got.shape == (B, L, 32) and ((got - exact).norm() / exact.norm()).item() < 0.06
     assert not lin.takes_fp8_codes(x)  # CPU: the model keeps the plain path
     rowwise = Linear(D, 32)

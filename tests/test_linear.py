@@ -406,3 +406,48 @@ def test_gelu_ffn_fused_path(fmt):
         gelu_ffn(up, blockwise, x, fused=True)
     with pytest.raises(ValueError, match="not 'block'"):
         quantize_act(torch.randn(4, 8), "block", 128, gelu=True)
+
+
+def test_gelu_ffn_hidden_scale_from_bounds():
+    """Fed LayerNorm codes that carry a row-norm bound, an all-fp8-per-tensor FFN scales its hidden
+    activation by ||W_j|| ||x|| + |b_j| (no amax): the bound covers every GELU output (no code saturates,
+    even where one input row lines up with a weight row) and the output stays within fp8 error of the
+    unquantized chain; without a known bound (plain tensors, another up format) it measures the amax."""
+    from dit_rt.ops.elementwise import layer_norm_modulate, layer_norm_modulate_fp8
+    from dit_rt.ops.linear import gelu_ffn
+    from dit_rt.ops.linear.fp8 import hidden_bound
+    from dit_rt.ops.linear.triton_quant import quantize_bounded
+
+    torch.manual_seed(0)
+    B, L, D, Hd = 2, 30, 64, 160
+    up, down = Linear(D, Hd), Linear(Hd, D)
+    for m in (up, down):
+        torch.nn.init.normal_(m.weight, std=m.in_features**-0.5)
+        torch.nn.init.normal_(m.bias, std=0.1)
+    shift, scale1 = 0.3 * torch.randn(B, 1, D), 1 + 0.5 * torch.randn(B, 1, D)
+    x = torch.randn(B, L, D)
+    # Row 0 is built so that its modulated LayerNorm output leans along up's first weight row (cosine
+    # ~0.8): the case where Cauchy-Schwarz is nearly tight.
+    x[0, 0] = (up.weight[0].detach() - shift[0, 0]) / scale1[0, 0]
+    y = layer_norm_modulate(x, shift, scale1, 1e-6)
+    ref = F.linear(F.gelu(F.linear(y, up.weight, up.bias), approximate="tanh"), down.weight, down.bias)
+    hidden = F.gelu(F.linear(y, up.weight, up.bias), approximate="tanh")
+    up.convert("fp8-per-tensor")
+    down.convert("fp8-per-tensor")
+    codes = layer_norm_modulate_fp8(x, shift, scale1, 1e-6)
+    bound = hidden_bound(up, codes)
+    h = up(codes).reshape(-1, Hd)
+    assert bound.shape == (1,) and (F.gelu(h.float(), approximate="tanh").abs().max() <= bound).all()
+    assert bound < 64 * hidden.abs().max()  # loose by Cauchy-Schwarz, but within e4m3's range
+    q, s = quantize_bounded(h, bound, gelu=True)
+    assert q.float().abs().max() < 448 and torch.allclose(s, bound / 448)
+    got = gelu_ffn(up, down, codes, fused=True)
+    measured = gelu_ffn(up, down, codes._replace(row_norm=None), fused=True)  # the amax path
+    err, err_amax = (((g - ref).norm() / ref.norm()).item() for g in (got, measured))
+    assert got.shape == (B, L, D) and err < 6e-2 and err < 1.1 * err_amax  # a loose scale costs nothing
+    assert hidden_bound(up, y) is None  # a plain tensor: no norm bound
+    rowwise = Linear(D, Hd)
+    rowwise.convert("fp8-rowwise")
+    assert hidden_bound(rowwise, codes) is None
+    with pytest.raises(ValueError, match="gelu applies to x alone"):
+        quantize_bounded(h, bound, h, gelu=True)

@@ -17,6 +17,10 @@ class Fp8Codes(NamedTuple):
     q: torch.Tensor  # e4m3 codes: [..., in_features] for a Linear, [B, L, H, Dh] for attention
     scale: torch.Tensor  # (1,) fp32 dequant scale: value ~= code * scale
     dtype: torch.dtype  # the dtype the consumer returns (the model dtype)
+    # (1,) fp32 bound on every row's L2 norm (of the dequantized values), when the producer knows one: a
+    # consumer GEMM then bounds its own outputs by Cauchy-Schwarz (`gelu_ffn` quantizes its hidden
+    # activation with that bound instead of an amax pass).
+    row_norm: torch.Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:

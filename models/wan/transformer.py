@@ -285,8 +285,7 @@ def norm_into(linear: nn.Module, x: torch.Tensor, shift, scale1, eps: float, wei
     """`layer_norm_modulate` of x for `linear`: as per-tensor fp8 codes when that Linear's format takes them
     (its activation quantization then fuses into this pass), else in x's dtype."""
     if isinstance(linear, Linear) and linear.takes_fp8_codes(x):
-        q, s = layer_norm_modulate_fp8(x, shift, scale1, eps, weight, bias)
-        return Fp8Codes(q, s, x.dtype)
+        return layer_norm_modulate_fp8(x, shift, scale1, eps, weight, bias)
     return layer_norm_modulate(x, shift, scale1, eps, weight, bias)
 
 

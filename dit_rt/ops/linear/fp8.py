@@ -200,6 +200,12 @@ class Fp8PerTensor(_Fp8Format):
         super().store(m, w)
         # scaled_mm wants the rowwise weight scales as (1, N); the [Np, 1] column has the same memory.
         m.single_scale = not m.slice_scales
+        # (max_j ||W_j||_2 of the dequantized rows, max_j |b_j|): with a bound R on an input row's norm,
+        # every output satisfies |y_j| <= ||W_j|| R + |b_j| (Cauchy-Schwarz), which `gelu_ffn` uses as the
+        # per-tensor scale of its hidden activation instead of measuring an amax.
+        row_norm = (m.qweight.float() * m.weight_scale).norm(dim=1).amax()
+        bias = m.bias.detach().float().abs().amax() if m.bias is not None else row_norm.new_zeros(())
+        m.register_quant_buffer("output_bound", torch.stack((row_norm, bias)))
 
     def forward_kernel(self, m, x):
         Np, Kp = m.qweight.shape
@@ -291,8 +297,11 @@ def gelu_ffn(up, down, x: torch.Tensor, fused: bool | None = None) -> torch.Tens
 
     Where `down` is fp8-per-tensor or fp8-rowwise and the real kernels run (CUDA sm89+ with Triton), GELU
     is fused into down's activation quantization: the (tokens x ffn_dim) hidden activation is never
-    written back in bf16 (GELU + amax + cast passes become amax + cast, or one pass per row). fused=None
-    decides so; fused=True forces that path (emulated off the GPU: the tests' handle on it).
+    written back in bf16 (GELU + amax + cast passes become amax + cast, or one pass per row). When x is
+    `Fp8Codes` with a row-norm bound and `up` is fp8-per-tensor too, the hidden activation's scale comes
+    from |GELU(h)| <= max(|h|, 0.17), |h_j| <= ||W_j|| ||x|| + |b_j| and the amax pass goes as well (one
+    pass: GELU and cast). fused=None decides so; fused=True forces that path (emulated off the GPU: the
+    tests' handle on it).
     """
     fmt = down._format
     mode = getattr(fmt, "code_mode", None)
@@ -306,5 +315,20 @@ def gelu_ffn(up, down, x: torch.Tensor, fused: bool | None = None) -> torch.Tens
             f"a {down.fmt!r} Linear cannot take pre-quantized fp8 codes; use fp8-per-tensor or fp8-rowwise"
         )
     h = up(x).reshape(-1, up.out_features)
-    q, s = quantize_act(h, mode, down.qweight.shape[1], gelu=True)
+    bound = hidden_bound(up, x) if mode == "tensor" else None
+    if bound is not None:
+        q, s = triton_quant.quantize_bounded(h, bound, gelu=True)
+    else:
+        q, s = quantize_act(h, mode, down.qweight.shape[1], gelu=True)
     return fmt.forward_codes(down, q, s, dtype).reshape(*x.shape[:-1], down.out_features)
+
+
+def hidden_bound(up, x) -> torch.Tensor | None:
+    """A bound on |GELU-tanh(up(x))| from x's row-norm bound and up's weight row norms, or None when either
+    is unknown (x a plain tensor, or up not fp8-per-tensor). The GEMM's bf16 rounding and fp32 summation
+    get 1/128 of headroom; GELU-tanh is never below -0.17."""
+    row_norm = getattr(x, "row_norm", None)
+    out_bound = getattr(up, "output_bound", None)
+    if row_norm is None or out_bound is None or up.qweight.shape[1] != up.in_features:
+        return None
+    return (out_bound[0] * row_norm * (1 + 2**-7) + out_bound[1]).clamp_min(0.17)
