@@ -80,6 +80,14 @@ for dt in (torch.float32, torch.bfloat16):
         "rms": (E.rms_norm_rope(q, wq, 1e-6, H),
                 E._rms_norm_rope_cuda(q, wq, 1e-6, None, None).unflatten(-1, (H, -1))),
     }
+    # Head dim 16 (8 angles, a power of two): the kernel's per-head broadcast of the angles; 3 heads pad
+    # the row to 4. Head dim 12 above takes the per-pair gather.
+    cos8, sin8 = torch.randn(L, 1, 8), torch.randn(L, 1, 8)
+    pairs["rms_rope(head dim 16)"] = (
+        E.rms_norm_rope(q, wq, 1e-6, 3, cos8, sin8),
+        E._rms_norm_rope_cuda(q, wq, 1e-6, cos8.reshape(L, 8).contiguous(), sin8.reshape(L, 8).contiguous())
+        .unflatten(-1, (3, -1)),
+    )
     padded = torch.randn(B, L + 3, D).to(dt)  # a sequence shard of a padded batch: rows not uniformly strided
     shard = padded[:, 1 : L + 1]
     pairs["ln_modulate(shard)"] = (E.layer_norm_modulate(shard, shift, scale1, 1e-6),

@@ -90,12 +90,14 @@ def _kernels():
 
     @triton.jit
     def rms_rope_kernel(
-        x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, qinv_ptr, L, D, HALF_DH, eps,
-        stride_xr, HAS_ROPE: tl.constexpr, QUANT: tl.constexpr, BLOCK_D: tl.constexpr,
+        x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, qinv_ptr, L, D, eps, stride_xr, HALF_DH: tl.constexpr,
+        HAS_ROPE: tl.constexpr, HEADS_POW2: tl.constexpr, QUANT: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         # One token row of D channels, loaded and stored contiguously: RMSNorm over all D (rounded to the
         # model dtype, as the unfused reference does), then the channels split into interleaved pairs (a, b)
-        # -> (a cos - b sin, a sin + b cos), interleaved back.
+        # -> (a cos - b sin, a sin + b cos), interleaved back. HEADS_POW2 (HALF_DH a power of two, D = heads
+        # x 2 HALF_DH): the row is viewed as [heads, HALF_DH, 2] and the token's HALF_DH angles are loaded
+        # once and broadcast over the heads (gathering them per channel pair cost as much as the norm).
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
@@ -103,7 +105,13 @@ def _kernels():
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         y = (x * rstd * w).to(x_ptr.dtype.element_ty).to(tl.float32)
-        if HAS_ROPE:
+        if HAS_ROPE and HEADS_POW2:
+            a, b = tl.split(tl.reshape(y, (BLOCK_D // (2 * HALF_DH), HALF_DH, 2)))
+            p = (row % L) * HALF_DH + tl.arange(0, HALF_DH)
+            c = tl.load(cos_ptr + p)[None, :]
+            s = tl.load(sin_ptr + p)[None, :]
+            y = tl.reshape(tl.join(a * c - b * s, a * s + b * c), (BLOCK_D,))
+        elif HAS_ROPE:
             a, b = tl.split(tl.reshape(y, (BLOCK_D // 2, 2)))
             p = tl.arange(0, BLOCK_D // 2)
             j = (row % L) * HALF_DH + p % HALF_DH
@@ -293,10 +301,14 @@ def _rms_norm_rope_cuda(
     has_rope = cos is not None
     half_dh = cos.shape[-1] if has_rope else 1
     block = triton.next_power_of_2(D)
+    # Measured on an H200 at 32,760 rows: 4 warps; per-head angles 78 -> 62 us (D = 1536), 291 -> 203 us
+    # (D = 5120); 8 warps only for the gathering variant's widest rows.
+    pow2 = has_rope and half_dh & (half_dh - 1) == 0 and D % (2 * half_dh) == 0
     kernel[(rows,)](
         x, weight, cos if has_rope else weight, sin if has_rope else weight, out,
-        weight if qinv is None else qinv, L, D, half_dh, eps, stride,
-        HAS_ROPE=has_rope, QUANT=qinv is not None, BLOCK_D=block, num_warps=8 if block >= 8192 else 4,
+        weight if qinv is None else qinv, L, D, eps, stride, half_dh,
+        HAS_ROPE=has_rope, HEADS_POW2=pow2, QUANT=qinv is not None, BLOCK_D=block,
+        num_warps=8 if block >= 8192 and not pow2 else 4,
     )  # fmt: skip
     return out
 
