@@ -94,6 +94,26 @@ def test_fp8_emulation_error_is_bounded_and_not_trivial():
     assert err_fp8 <= err_raw * 1.5  # scaling is no worse than a raw cast on well-scaled data
 
 
+def test_fa3_fp8_runs_short_key_sequences_in_bf16(monkeypatch):
+    """Under fa3-fp8, bf16 attention over fewer than BF16_BELOW_KEYS keys (text / image cross-attention) is
+    the bf16 kernel's, bit for bit; at or above the threshold, and for producer-made codes at any length,
+    it is quantized (fp8 error); float32 inputs, which the bf16 kernel does not take, stay fp8."""
+    from dit_rt.ops.codes import Fp8Codes
+
+    q, k, v = qkv(lk=47, dtype=torch.bfloat16, seed=3)
+    want, _ = reference(q, k, v)
+    assert fa3.BF16_BELOW_KEYS > 514  # the longest Wan cross-attention (FLF2V: 2 x 257 CLIP tokens)
+    assert torch.equal(fa3.fa3_fp8(q, k, v, None, False), fa3.fa3(q, k, v, None, False))
+    monkeypatch.setattr(fa3, "BF16_BELOW_KEYS", 47)
+    err = rel(fa3.fa3_fp8(q, k, v, None, False), want)
+    assert 1e-2 < err < 8e-2  # quantized now
+    monkeypatch.setattr(fa3, "BF16_BELOW_KEYS", 1024)
+    codes = Fp8Codes(q.float().clamp(-448, 448).to(torch.float8_e4m3fn), torch.ones(1), q.dtype)
+    assert rel(fa3.fa3_fp8(codes, k, v, None, False), want) > 1e-2  # codes: the fp8 kernel
+    q32, k32, v32 = (x.float() for x in (q, k, v))
+    assert rel(fa3.fa3_fp8(q32, k32, v32, None, False), want) > 1e-2
+
+
 def test_fp8_scales_rescue_small_values():
     # A raw cast flushes values ~1e-4 to (sub)normals with few bits; per-head scales keep them.
     q, k, v = (x * 1e-4 for x in qkv(h=2, hk=2, seed=2))

@@ -80,6 +80,10 @@ for dt in (torch.float32, torch.bfloat16):
         "rms": (E.rms_norm_rope(q, wq, 1e-6, H),
                 E._rms_norm_rope_cuda(q, wq, 1e-6, None, None).unflatten(-1, (H, -1))),
     }
+    r = torch.randn(B, L, D).to(dt)
+    total, normed = E._add_ln_modulate_cuda(x, r, shift, scale1, 1e-6)
+    pairs["add+ln_modulate (sum)"] = (x + r, total)
+    pairs["add+ln_modulate"] = (E.layer_norm_modulate(x + r, shift, scale1, 1e-6), normed)
     # Head dim 16 (8 angles, a power of two): the kernel's per-head broadcast of the angles; 3 heads pad
     # the row to 4. Head dim 12 above takes the per-pair gather.
     cos8, sin8 = torch.randn(L, 1, 8), torch.randn(L, 1, 8)
@@ -226,3 +230,21 @@ def test_attention_values_and_output_as_codes():
     both = out_codes(o, [vq.scale, vq.scale * 0.5], o2)
     ref = (o + o2).flatten(2)
     assert ((both.q.float() * both.scale - ref).norm() / ref.norm()).item() < 0.08
+
+
+def test_add_layer_norm_modulate():
+    """(x + r, LN(x + r) modulated) with the sum rounded to the model dtype first, as the unfused add;
+    fp8=True gives the same codes, scale and row-norm bound as layer_norm_modulate_fp8 of the sum."""
+    from dit_rt.ops.elementwise import add_layer_norm_modulate, layer_norm_modulate, layer_norm_modulate_fp8
+
+    torch.manual_seed(0)
+    B, L, D = 2, 5, 32
+    x, r = torch.randn(B, L, D).bfloat16(), torch.randn(B, L, D).bfloat16()
+    shift, scale1 = torch.randn(B, 1, D), 1 + torch.randn(B, 1, D)
+    total, y = add_layer_norm_modulate(x, r, shift, scale1, 1e-6)
+    assert total.dtype == torch.bfloat16 and torch.equal(total, x + r)
+    assert torch.equal(y, layer_norm_modulate(x + r, shift, scale1, 1e-6))
+    total, codes = add_layer_norm_modulate(x, r, shift, scale1, 1e-6, fp8=True)
+    want = layer_norm_modulate_fp8(x + r, shift, scale1, 1e-6)
+    assert torch.equal(total, x + r) and torch.equal(codes.q.float(), want.q.float())
+    assert torch.equal(codes.scale, want.scale) and torch.equal(codes.row_norm, want.row_norm)

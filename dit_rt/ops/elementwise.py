@@ -45,13 +45,16 @@ def _kernels():
 
     @triton.jit
     def ln_modulate_kernel(
-        x_ptr, out_ptr, shift_ptr, scale_ptr, qinv_ptr, L, D, eps, stride_xb, stride_xr, stride_mb, RPP,
-        HAS_MOD: tl.constexpr, QUANT: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
+        x_ptr, out_ptr, shift_ptr, scale_ptr, qinv_ptr, r_ptr, sum_ptr, L, D, eps, stride_xb, stride_xr,
+        stride_mb, RPP, HAS_MOD: tl.constexpr, QUANT: tl.constexpr, HAS_RES: tl.constexpr, R: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         # RPP token rows of batch b, R at a time: y = ((x - mean) * rstd) * scale + shift in fp32, stored
         # in out's dtype (QUANT: as e4m3 codes of y * qinv, qinv = 1 / the caller's static per-tensor
         # scale). The modulation vectors are loaded once per program, not once per row: per row they are
         # 8 bytes a channel against x's 2, and reloading them made the kernel twice as slow as a copy.
+        # HAS_RES: x + r (r contiguous [B, L, D]) is formed first, rounded to x's dtype as the unfused add
+        # would, stored to sum_ptr, and normalised: the residual stream is read once instead of twice.
         chunk, b = tl.program_id(0), tl.program_id(1)
         cols = tl.arange(0, BLOCK_D)
         cmask = cols < D
@@ -64,7 +67,13 @@ def _kernels():
             ls = l0 + tl.arange(0, R)
             mask = (ls < L)[:, None] & cmask[None, :]
             x_rows = x_ptr + b.to(tl.int64) * stride_xb + ls[:, None].to(tl.int64) * stride_xr
-            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
+            rows = (b * L + ls)[:, None].to(tl.int64) * D
+            if HAS_RES:
+                r = tl.load(r_ptr + rows + cols[None, :], mask=mask, other=0.0)
+                x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+                tl.store(sum_ptr + rows + cols[None, :], x, mask=mask)
+            x = x.to(tl.float32)
             mean = tl.sum(x, axis=1) / D
             xc = tl.where(mask, x - mean[:, None], 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
@@ -73,8 +82,7 @@ def _kernels():
                 y = y * scale + shift
             if QUANT:
                 y = tl.clamp(y * qinv, -448.0, 448.0)
-            out_rows = out_ptr + (b * L + ls)[:, None].to(tl.int64) * D
-            tl.store(out_rows + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + rows + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def gated_residual_kernel(
@@ -148,19 +156,16 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 # ---------------------------------------------------------------------------------------- LN + modulate
 
 
-@torch.library.custom_op("dit_rt::ln_modulate", mutates_args=())
-def _ln_modulate_cuda(
-    x: torch.Tensor,
-    shift: torch.Tensor | None,
-    scale1: torch.Tensor | None,
-    eps: float,
-    qinv: torch.Tensor | None = None,
-) -> torch.Tensor:
+def _ln_launch(x, shift, scale1, eps, qinv, residual) -> tuple[torch.Tensor, torch.Tensor | None]:
     triton, kernel, _, _ = _kernels()
     B, L, D = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = torch.empty(B, L, D, device=x.device, dtype=x.dtype if qinv is None else E4M3)
+    total = None
+    if residual is not None:
+        residual = residual.contiguous()
+        total = torch.empty(B, L, D, device=x.device, dtype=x.dtype)
     has_mod = shift is not None
     if has_mod:
         shift, scale1 = (
@@ -171,15 +176,47 @@ def _ln_modulate_cuda(
     r = min(16, max(2, 8192 // block))  # rows per step: measured best at D = 1536 (4) and 5120 (2)
     kernel[(triton.cdiv(L, _LN_ROWS_PER_PROGRAM), B)](
         x, out, shift if has_mod else x, scale1 if has_mod else x, x if qinv is None else qinv,
+        x if residual is None else residual, x if total is None else total,
         L, D, eps, x.stride(0), x.stride(1), D, _LN_ROWS_PER_PROGRAM,
-        HAS_MOD=has_mod, QUANT=qinv is not None, R=r, BLOCK_D=block, num_warps=4,
+        HAS_MOD=has_mod, QUANT=qinv is not None, HAS_RES=residual is not None, R=r, BLOCK_D=block,
+        num_warps=4,
     )  # fmt: skip
-    return out
+    return out, total
+
+
+@torch.library.custom_op("dit_rt::ln_modulate", mutates_args=())
+def _ln_modulate_cuda(
+    x: torch.Tensor,
+    shift: torch.Tensor | None,
+    scale1: torch.Tensor | None,
+    eps: float,
+    qinv: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return _ln_launch(x, shift, scale1, eps, qinv, None)[0]
 
 
 @_ln_modulate_cuda.register_fake
 def _(x, shift, scale1, eps, qinv=None):
     return torch.empty(x.shape, device=x.device, dtype=x.dtype if qinv is None else E4M3)
+
+
+@torch.library.custom_op("dit_rt::add_ln_modulate", mutates_args=())
+def _add_ln_modulate_cuda(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    shift: torch.Tensor | None,
+    scale1: torch.Tensor | None,
+    eps: float,
+    qinv: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, total = _ln_launch(x, shift, scale1, eps, qinv, residual)
+    return total, out
+
+
+@_add_ln_modulate_cuda.register_fake
+def _(x, residual, shift, scale1, eps, qinv=None):
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype if qinv is None else E4M3)
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype), out
 
 
 def layer_norm_modulate(
@@ -196,6 +233,29 @@ def layer_norm_modulate(
     if _use_triton(x):
         return _ln_modulate_cuda(x, shift, scale1, eps)
     return _layer_norm_fp32(x, shift, scale1, eps).type_as(x)
+
+
+def add_layer_norm_modulate(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    shift: torch.Tensor | None,
+    scale1: torch.Tensor | None,
+    eps: float,
+    fp8: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | Fp8Codes]:
+    """(x + residual, `layer_norm_modulate` of that sum) in one pass on CUDA: the sum is rounded to x's
+    dtype, as `x + residual` would be, before it is normalised. fp8=True: the second result is
+    `layer_norm_modulate_fp8`'s codes."""
+    if not (_use_triton(x) and residual.dtype == x.dtype and residual.shape == x.shape):
+        total = x + residual
+        if fp8:
+            return total, layer_norm_modulate_fp8(total, shift, scale1, eps)
+        return total, layer_norm_modulate(total, shift, scale1, eps)
+    if not fp8:
+        return _add_ln_modulate_cuda(x, residual, shift, scale1, eps)
+    qscale, qinv, norm = _ln_fp8_scales(x.shape[-1], shift, scale1, x.device)
+    total, q = _add_ln_modulate_cuda(x, residual, shift, scale1, eps, qinv)
+    return total, Fp8Codes(q, qscale, x.dtype, norm)
 
 
 def _modulation(scale1, shift, weight, bias):
@@ -228,20 +288,24 @@ def layer_norm_modulate_fp8(
     consumes the codes then skips its own amax and cast passes. Likewise ||y||_2 <= sqrt(D) max|scale1| +
     max_b ||shift_b||_2; the codes' rounding (2^-4 relative, or half a subnormal step) is added on top.
     """
-    D = x.shape[-1]
     scale1, shift = _modulation(scale1, shift, weight, bias)
-    spread = math.sqrt(D) * (scale1.abs().amax() if scale1 is not None else 1.0)
-    bound = spread + (shift.abs().amax() if shift is not None else 0.0)
-    qscale, qinv = _static_scale(bound, x.device)
-    norm = spread + (shift.norm(dim=-1).amax() if shift is not None else 0.0)
-    norm = (
-        torch.as_tensor(norm, device=x.device).float() * (1 + 2**-4) + math.sqrt(D) * qscale / 1024
-    ).reshape(1)
+    qscale, qinv, norm = _ln_fp8_scales(x.shape[-1], shift, scale1, x.device)
     if _use_triton(x):
         q = _ln_modulate_cuda(x, shift, scale1, eps, qinv)
     else:
         q = _codes(_layer_norm_fp32(x, shift, scale1, eps), qinv)
     return Fp8Codes(q, qscale, x.dtype, norm)
+
+
+def _ln_fp8_scales(D: int, shift, scale1, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dequant scale, its reciprocal, row-norm bound) of a modulated LayerNorm's fp8 codes (see
+    `layer_norm_modulate_fp8`), from the modulation vectors alone."""
+    spread = math.sqrt(D) * (scale1.abs().amax() if scale1 is not None else 1.0)
+    bound = spread + (shift.abs().amax() if shift is not None else 0.0)
+    qscale, qinv = _static_scale(bound, device)
+    norm = spread + (shift.norm(dim=-1).amax() if shift is not None else 0.0)
+    norm = torch.as_tensor(norm, device=device).float() * (1 + 2**-4) + math.sqrt(D) * qscale / 1024
+    return qscale, qinv, norm.reshape(1)
 
 
 def _static_scale(bound, device) -> tuple[torch.Tensor, torch.Tensor]:
