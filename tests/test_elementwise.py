@@ -158,6 +158,8 @@ def test_layer_norm_straight_to_fp8_codes(affine):
     norms = deq.norm(dim=-1)
     assert codes.row_norm.shape == (1,) and (norms <= codes.row_norm).all()
     assert codes.row_norm < 4 * norms.max()
+    plain = layer_norm_modulate_fp8(x, shift, scale1, 1e-6, w, b, row_norm=False)
+    assert plain.row_norm is None and torch.equal(plain.q.float(), q.float())
     lin = Linear(D, 32)
     torch.nn.init.normal_(lin.weight, std=D**-0.5)
     torch.nn.init.normal_(lin.bias, std=0.1)

@@ -277,9 +277,11 @@ def layer_norm_modulate_fp8(
     eps: float,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    row_norm: bool = True,
 ) -> Fp8Codes:
     """`layer_norm_modulate` straight to per-tensor e4m3 codes [B, L, D] with their dequant scale (1,) and
-    a bound on each row's L2 norm, as `Fp8Codes`.
+    a bound on each row's L2 norm, as `Fp8Codes` (row_norm=False leaves it None: a few tiny kernels fewer
+    where no consumer reads it).
 
     The scale needs no pass over the activation: a LayerNorm output has sum(xhat^2) <= D, so every
     |xhat_i| <= sqrt(D) and |y| <= sqrt(D) max|scale1| + max|shift|; that bound / 448 is the scale, from
@@ -289,7 +291,7 @@ def layer_norm_modulate_fp8(
     max_b ||shift_b||_2; the codes' rounding (2^-4 relative, or half a subnormal step) is added on top.
     """
     scale1, shift = _modulation(scale1, shift, weight, bias)
-    qscale, qinv, norm = _ln_fp8_scales(x.shape[-1], shift, scale1, x.device)
+    qscale, qinv, norm = _ln_fp8_scales(x.shape[-1], shift, scale1, x.device, row_norm)
     if _use_triton(x):
         q = _ln_modulate_cuda(x, shift, scale1, eps, qinv)
     else:
@@ -297,12 +299,16 @@ def layer_norm_modulate_fp8(
     return Fp8Codes(q, qscale, x.dtype, norm)
 
 
-def _ln_fp8_scales(D: int, shift, scale1, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dequant scale, its reciprocal, row-norm bound) of a modulated LayerNorm's fp8 codes (see
+def _ln_fp8_scales(
+    D: int, shift, scale1, device, row_norm: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dequant scale, its reciprocal, row-norm bound or None) of a modulated LayerNorm's fp8 codes (see
     `layer_norm_modulate_fp8`), from the modulation vectors alone."""
     spread = math.sqrt(D) * (scale1.abs().amax() if scale1 is not None else 1.0)
     bound = spread + (shift.abs().amax() if shift is not None else 0.0)
     qscale, qinv = _static_scale(bound, device)
+    if not row_norm:
+        return qscale, qinv, None
     norm = spread + (shift.norm(dim=-1).amax() if shift is not None else 0.0)
     norm = torch.as_tensor(norm, device=device).float() * (1 + 2**-4) + math.sqrt(D) * qscale / 1024
     return qscale, qinv, norm.reshape(1)

@@ -282,11 +282,16 @@ class ConditionEmbedder(nn.Module):
 # ------------------------------------------------------------------------------------------------ blocks
 
 
+def _takes_codes(linear: nn.Module, x: torch.Tensor) -> bool:
+    return isinstance(linear, Linear) and linear.takes_fp8_codes(x)
+
+
 def norm_into(linear: nn.Module, x: torch.Tensor, shift, scale1, eps: float, weight=None, bias=None):
     """`layer_norm_modulate` of x for `linear`: as per-tensor fp8 codes when that Linear's format takes them
-    (its activation quantization then fuses into this pass), else in x's dtype."""
-    if isinstance(linear, Linear) and linear.takes_fp8_codes(x):
-        return layer_norm_modulate_fp8(x, shift, scale1, eps, weight, bias)
+    (its activation quantization then fuses into this pass), else in x's dtype. Used for the attention
+    projections, which read no row-norm bound (only the FFN's does: `add_layer_norm_modulate` below)."""
+    if _takes_codes(linear, x):
+        return layer_norm_modulate_fp8(x, shift, scale1, eps, weight, bias, row_norm=False)
     return layer_norm_modulate(x, shift, scale1, eps, weight, bias)
 
 
@@ -424,10 +429,9 @@ class WanBlock(nn.Module):
         n = self.norm2
         y = norm_into(self.attn2.to_q, x, None, None, n.eps, n.weight, n.bias) if n is not None else x
         # x + attn2(...) (no gate, model dtype, as the reference) and the FFN's LayerNorm in one pass
-        up = self.ffn.net[0].proj
         x, y = add_layer_norm_modulate(
             x, self.attn2(y, context, context_img), c_shift, 1 + c_scale, self.eps,
-            fp8=isinstance(up, Linear) and up.takes_fp8_codes(x),
+            fp8=_takes_codes(self.ffn.net[0].proj, x),
         )  # fmt: skip
         return gated_residual(x, self.ffn(y), c_gate)
 
