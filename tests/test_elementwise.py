@@ -84,6 +84,11 @@ for dt in (torch.float32, torch.bfloat16):
     total, normed = E._add_ln_modulate_cuda(x, r, shift, scale1, 1e-6)
     pairs["add+ln_modulate (sum)"] = (x + r, total)
     pairs["add+ln_modulate"] = (E.layer_norm_modulate(x + r, shift, scale1, 1e-6), normed)
+    # the gated residual and an affine LayerNorm in one pass (Wan's attn1 residual + the cross-attention norm)
+    total, normed = E._add_ln_modulate_cuda(x, r, b.view(1, 1, D), w.view(1, 1, D), 1e-6, None, g)
+    pairs["gated add+ln_affine (sum)"] = (E.gated_residual(x, r, g), total)
+    pairs["gated add+ln_affine"] = (E.layer_norm_modulate(E.gated_residual(x, r, g), None, None, 1e-6, w, b),
+                                    normed)
     # Head dim 16 (8 angles, a power of two): the kernel's per-head broadcast of the angles; 3 heads pad
     # the row to 4. Head dim 12 above takes the per-pair gather.
     cos8, sin8 = torch.randn(L, 1, 8), torch.randn(L, 1, 8)
@@ -111,7 +116,15 @@ for dt in (torch.float32, torch.bfloat16):
     got_q = E._ln_modulate_cuda(x, shift, scale1, 1e-6, 1.0 / qs)
     rq, rs = E.rms_norm_rope_fp8(q, wq, 1e-6, H, cos, sin)  # q: a strided slice of a fused qkv output
     gq = E._rms_norm_rope_cuda(q, wq, 1e-6, c, s, 1.0 / rs).unflatten(-1, (H, -1))
-    for ref_codes, got_codes in ((ref_q, got_q), (rq, gq)):
+    # fused q, k, v codes of one [q | k | v] projection (wq, wk: the q / k norms' weights)
+    wk = torch.randn(D).to(dt)
+    vb = qkv[..., 2 * D :].float().abs().amax() * 1.5
+    ref3 = E.qkv_norm_rope_fp8(qkv, wq, wk, 1e-6, H, cos, sin, vb)  # CPU tensors: the torch path
+    qi = torch.cat([1.0 / t.scale for t in ref3])
+    got3 = E._qkv_fp8_cuda(qkv, wq, wk, 1e-6, c, s, qi).unflatten(-1, (H, -1))
+    pairs8 = [(ref_q, got_q), (rq, gq)] + [(t.q, got3[i]) for i, t in enumerate(ref3)]
+    assert torch.equal(ref3[0].q.float(), E.rms_norm_rope_fp8(qkv[..., :D], wq, 1e-6, H, cos, sin)[0].float())
+    for ref_codes, got_codes in pairs8:
         assert got_codes.dtype == torch.float8_e4m3fn and got_codes.shape == ref_codes.shape
         av, bv = ref_codes.float(), got_codes.float()
         carry = (bv == av / 2) & (torch.log2(av.abs()) % 1 == 0)
@@ -237,7 +250,12 @@ def test_attention_values_and_output_as_codes():
 def test_add_layer_norm_modulate():
     """(x + r, LN(x + r) modulated) with the sum rounded to the model dtype first, as the unfused add;
     fp8=True gives the same codes, scale and row-norm bound as layer_norm_modulate_fp8 of the sum."""
-    from dit_rt.ops.elementwise import add_layer_norm_modulate, layer_norm_modulate, layer_norm_modulate_fp8
+    from dit_rt.ops.elementwise import (
+        add_layer_norm_modulate,
+        gated_residual,
+        layer_norm_modulate,
+        layer_norm_modulate_fp8,
+    )
 
     torch.manual_seed(0)
     B, L, D = 2, 5, 32
@@ -250,3 +268,52 @@ def test_add_layer_norm_modulate():
     want = layer_norm_modulate_fp8(x + r, shift, scale1, 1e-6)
     assert torch.equal(total, x + r) and torch.equal(codes.q.float(), want.q.float())
     assert torch.equal(codes.scale, want.scale) and torch.equal(codes.row_norm, want.row_norm)
+    # gated (x + r * gate in fp32) and affine: the same sum as `gated_residual`, the same codes as
+    # layer_norm_modulate_fp8 of it; row_norm=False skips the bound
+    gate, w, b = torch.randn(B, 1, D), torch.randn(D), torch.randn(D)
+    summed = gated_residual(x, r, gate)
+    total, y = add_layer_norm_modulate(x, r, None, None, 1e-6, gate=gate, weight=w, bias=b)
+    assert torch.equal(total, summed) and not torch.equal(total, x + r)
+    assert torch.equal(y, layer_norm_modulate(summed, None, None, 1e-6, w, b))
+    total, codes = add_layer_norm_modulate(
+        x, r, None, None, 1e-6, gate=gate, weight=w, bias=b, fp8=True, row_norm=False
+    )
+    want = layer_norm_modulate_fp8(summed, None, None, 1e-6, w, b)
+    assert torch.equal(codes.q.float(), want.q.float()) and torch.equal(codes.scale, want.scale)
+    assert codes.row_norm is None
+
+
+def test_qkv_codes_in_one_pass():
+    """q, k and v of a fused fp8-per-tensor projection fed LayerNorm codes, as codes in one pass: q / k
+    equal rms_norm_rope_fp8's, v's scale comes from the projection's weight row norms times the codes'
+    row-norm bound (no amax), which covers every value (nothing saturates, even for an input row lined up
+    with a v weight row) and keeps fp8 precision; without a row-norm bound there is none."""
+    from dit_rt.ops.elementwise import layer_norm_modulate_fp8, qkv_norm_rope_fp8, rms_norm_rope_fp8
+    from dit_rt.ops.linear import Linear
+    from dit_rt.ops.linear.fp8 import output_bound
+    from models.wan.transformer import rope_freqs
+
+    torch.manual_seed(0)
+    B, L, D, H = 2, 12, 64, 4
+    qkv_proj = Linear(D, 3 * D)
+    torch.nn.init.normal_(qkv_proj.weight, std=D**-0.5)
+    torch.nn.init.normal_(qkv_proj.bias, std=0.1)
+    shift, scale1 = 0.3 * torch.randn(B, 1, D), 1 + 0.5 * torch.randn(B, 1, D)
+    x = torch.randn(B, L, D)
+    x[1, 5] = (qkv_proj.weight[2 * D + 3].detach() - shift[1, 0]) / scale1[1, 0]  # leans on a v weight row
+    qkv_proj.convert("fp8-per-tensor")
+    codes = layer_norm_modulate_fp8(x, shift, scale1, 1e-6)
+    qkv = qkv_proj(codes)
+    bound = output_bound(qkv_proj, codes)
+    assert bound.shape == (1,) and (qkv.float().abs().max() <= bound).all()
+    assert output_bound(qkv_proj, codes._replace(row_norm=None)) is None
+    wq, wk = torch.rand(D) + 0.5, torch.rand(D) + 0.5
+    rope = rope_freqs((1, 3, 4), D // H, torch.device("cpu"))
+    q, k, v = qkv_norm_rope_fp8(qkv, wq, wk, 1e-6, H, rope.cos, rope.sin, bound)
+    for got, t, w in ((q, qkv[..., :D], wq), (k, qkv[..., D : 2 * D], wk)):
+        want, scale = rms_norm_rope_fp8(t, w, 1e-6, H, rope.cos, rope.sin)
+        assert torch.equal(got.q.float(), want.float()) and torch.equal(got.scale, scale)
+    vref = qkv[..., 2 * D :].unflatten(-1, (H, -1)).float()
+    assert v.q.shape == (B, L, H, D // H) and v.q.float().abs().max() < 448
+    assert torch.allclose(v.scale, bound / 448)
+    assert ((v.q.float() * v.scale - vref).norm() / vref.norm()).item() < 0.05

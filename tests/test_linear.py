@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dit_rt.ops.linear import LINEAR_FORMATS, Linear, fused, quantize_, record_act_absmax, trtllm
+from dit_rt.ops.linear import LINEAR_FORMATS, Linear, fp8, fused, quantize_, record_act_absmax, trtllm
 from dit_rt.ops.linear import nvfp4 as nv
 
 K, N, M = 200, 72, 48  # neither K nor N divisible by 128 (nor N by 16)
@@ -370,6 +370,28 @@ def test_fp8_gemm_path_compiles_fullgraph():
         emulated = fmt.forward_emulated(m, x)
     assert torch.equal(compiled, eager)
     assert ((eager - emulated).norm() / emulated.norm()).item() < 1e-5
+    # fast accumulation is the default (the tensor cores' accumulator, cuBLAS on the GPU); the call
+    # passes the Linear's choice through, and fast_accum=False keeps the promoted sums
+    assert m.fast_accum is True
+    calls = []
+    real = fp8._scaled_mm_op
+    try:
+        fp8._scaled_mm_op = lambda *a: calls.append(a[-1]) or real(*a)
+        slow = Linear(64, 48)
+        slow.weight.data.copy_(m._format.weight_dequant(m)[:48, :64])
+        slow.bias.data.copy_(m.bias)
+        slow.convert("fp8-per-tensor", fast_accum=False)
+        with torch.no_grad():
+            fast_y, slow_y = fmt.forward_kernel(m, x), fmt.forward_kernel(slow, x)
+    finally:
+        fp8._scaled_mm_op = real
+    assert calls == [True, False] and slow.fast_accum is False
+    assert ((fast_y - slow_y).norm() / slow_y.norm()).item() < 1e-5
+    rowwise = Linear(64, 48)
+    rowwise.convert("fp8-rowwise", fast_accum=False)
+    assert rowwise.fast_accum is False
+    with pytest.raises(TypeError, match="takes no options"):
+        Linear(256, 128).convert("fp8-blockwise", fast_accum=True)
 
 
 @pytest.mark.parametrize("fmt", ["fp8-per-tensor", "fp8-rowwise"])

@@ -45,22 +45,25 @@ def _kernels():
 
     @triton.jit
     def ln_modulate_kernel(
-        x_ptr, out_ptr, shift_ptr, scale_ptr, qinv_ptr, r_ptr, sum_ptr, L, D, eps, stride_xb, stride_xr,
-        stride_mb, RPP, HAS_MOD: tl.constexpr, QUANT: tl.constexpr, HAS_RES: tl.constexpr, R: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        x_ptr, out_ptr, shift_ptr, scale_ptr, qinv_ptr, r_ptr, sum_ptr, gate_ptr, L, D, eps, stride_xb,
+        stride_xr, stride_mb, stride_gb, RPP, HAS_MOD: tl.constexpr, QUANT: tl.constexpr,
+        HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         # RPP token rows of batch b, R at a time: y = ((x - mean) * rstd) * scale + shift in fp32, stored
         # in out's dtype (QUANT: as e4m3 codes of y * qinv, qinv = 1 / the caller's static per-tensor
         # scale). The modulation vectors are loaded once per program, not once per row: per row they are
         # 8 bytes a channel against x's 2, and reloading them made the kernel twice as slow as a copy.
-        # HAS_RES: x + r (r contiguous [B, L, D]) is formed first, rounded to x's dtype as the unfused add
-        # would, stored to sum_ptr, and normalised: the residual stream is read once instead of twice.
+        # HAS_RES: x + r (r contiguous [B, L, D]; HAS_GATE: x + r * gate, gate [B, 1, D] fp32, the gated
+        # residual) is formed first in fp32, rounded to x's dtype as the unfused add would, stored to
+        # sum_ptr, and normalised: the residual stream is read once instead of twice.
         chunk, b = tl.program_id(0), tl.program_id(1)
         cols = tl.arange(0, BLOCK_D)
         cmask = cols < D
         if HAS_MOD:
             scale = tl.load(scale_ptr + b * stride_mb + cols, mask=cmask, other=0.0)[None, :]
             shift = tl.load(shift_ptr + b * stride_mb + cols, mask=cmask, other=0.0)[None, :]
+        if HAS_GATE:
+            gate = tl.load(gate_ptr + b * stride_gb + cols, mask=cmask, other=0.0)[None, :]
         if QUANT:
             qinv = tl.load(qinv_ptr)
         for l0 in range(chunk * RPP, chunk * RPP + RPP, R):
@@ -70,8 +73,10 @@ def _kernels():
             x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
             rows = (b * L + ls)[:, None].to(tl.int64) * D
             if HAS_RES:
-                r = tl.load(r_ptr + rows + cols[None, :], mask=mask, other=0.0)
-                x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+                r = tl.load(r_ptr + rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                if HAS_GATE:
+                    r = r * gate
+                x = (x.to(tl.float32) + r).to(x_ptr.dtype.element_ty)
                 tl.store(sum_ptr + rows + cols[None, :], x, mask=mask)
             x = x.to(tl.float32)
             mean = tl.sum(x, axis=1) / D
@@ -98,37 +103,48 @@ def _kernels():
 
     @triton.jit
     def rms_rope_kernel(
-        x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, qinv_ptr, L, D, eps, stride_xr, HALF_DH: tl.constexpr,
-        HAS_ROPE: tl.constexpr, HEADS_POW2: tl.constexpr, QUANT: tl.constexpr, BLOCK_D: tl.constexpr,
+        x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, qinv_ptr, L, D, eps, stride_xr, stride_out,
+        HALF_DH: tl.constexpr, HAS_ROPE: tl.constexpr, HEADS_POW2: tl.constexpr, QUANT: tl.constexpr,
+        NORMED: tl.constexpr, CAST: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        # One token row of D channels, loaded and stored contiguously: RMSNorm over all D (rounded to the
-        # model dtype, as the unfused reference does), then the channels split into interleaved pairs (a, b)
-        # -> (a cos - b sin, a sin + b cos), interleaved back. HEADS_POW2 (HALF_DH a power of two, D = heads
-        # x 2 HALF_DH): the row is viewed as [heads, HALF_DH, 2] and the token's HALF_DH angles are loaded
-        # once and broadcast over the heads (gathering them per channel pair cost as much as the norm).
+        # One token row: NORMED consecutive D-channel segments of it (q; or q and k of a fused [q | k | v]
+        # row, weights [w_q | w_k]), each loaded contiguously, RMSNorm over its D channels (rounded to the
+        # model dtype, as the unfused reference does), then its channels split into interleaved pairs
+        # (a, b) -> (a cos - b sin, a sin + b cos), interleaved back. HEADS_POW2 (HALF_DH a power of two,
+        # D = heads x 2 HALF_DH): the segment is viewed as [heads, HALF_DH, 2] and the token's HALF_DH angles
+        # are loaded once and broadcast over the heads (gathering them per channel pair cost as much as the
+        # norm). CAST: the next segment (v) is passed through as it is. Segment i goes to out_ptr + i *
+        # stride_out; QUANT: as e4m3 codes with the caller's static scale 1 / qinv[i].
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
-        x = tl.load(x_ptr + row.to(tl.int64) * stride_xr + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        y = (x * rstd * w).to(x_ptr.dtype.element_ty).to(tl.float32)
-        if HAS_ROPE and HEADS_POW2:
-            a, b = tl.split(tl.reshape(y, (BLOCK_D // (2 * HALF_DH), HALF_DH, 2)))
-            p = (row % L) * HALF_DH + tl.arange(0, HALF_DH)
-            c = tl.load(cos_ptr + p)[None, :]
-            s = tl.load(sin_ptr + p)[None, :]
-            y = tl.reshape(tl.join(a * c - b * s, a * s + b * c), (BLOCK_D,))
-        elif HAS_ROPE:
-            a, b = tl.split(tl.reshape(y, (BLOCK_D // 2, 2)))
-            p = tl.arange(0, BLOCK_D // 2)
-            j = (row % L) * HALF_DH + p % HALF_DH
-            c = tl.load(cos_ptr + j, mask=p < D // 2, other=1.0)
-            s = tl.load(sin_ptr + j, mask=p < D // 2, other=0.0)
-            y = tl.interleave(a * c - b * s, a * s + b * c)
-        if QUANT:  # e4m3 codes with the caller's static scale (1 / qinv)
-            y = tl.clamp(y * tl.load(qinv_ptr), -448.0, 448.0)
-        tl.store(out_ptr + row.to(tl.int64) * D + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+        x_row = x_ptr + row.to(tl.int64) * stride_xr
+        out = out_ptr + row.to(tl.int64) * D + cols
+        if CAST:  # issued first: its load overlaps the norms' reductions
+            v = tl.load(x_row + NORMED * D + cols, mask=mask, other=0.0).to(tl.float32)
+            v = tl.clamp(v * tl.load(qinv_ptr + NORMED), -448.0, 448.0)
+            tl.store(out + NORMED * stride_out, v.to(out_ptr.dtype.element_ty), mask=mask)
+        for i in tl.static_range(NORMED):
+            x = tl.load(x_row + i * D + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+            w = tl.load(w_ptr + i * D + cols, mask=mask, other=0.0).to(tl.float32)
+            y = (x * rstd * w).to(x_ptr.dtype.element_ty).to(tl.float32)
+            if HAS_ROPE and HEADS_POW2:
+                a, b = tl.split(tl.reshape(y, (BLOCK_D // (2 * HALF_DH), HALF_DH, 2)))
+                p = (row % L) * HALF_DH + tl.arange(0, HALF_DH)
+                c = tl.load(cos_ptr + p)[None, :]
+                s = tl.load(sin_ptr + p)[None, :]
+                y = tl.reshape(tl.join(a * c - b * s, a * s + b * c), (BLOCK_D,))
+            elif HAS_ROPE:
+                a, b = tl.split(tl.reshape(y, (BLOCK_D // 2, 2)))
+                p = tl.arange(0, BLOCK_D // 2)
+                j = (row % L) * HALF_DH + p % HALF_DH
+                c = tl.load(cos_ptr + j, mask=p < D // 2, other=1.0)
+                s = tl.load(sin_ptr + j, mask=p < D // 2, other=0.0)
+                y = tl.interleave(a * c - b * s, a * s + b * c)
+            if QUANT:
+                y = tl.clamp(y * tl.load(qinv_ptr + i), -448.0, 448.0)
+            tl.store(out + i * stride_out, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     return triton, ln_modulate_kernel, gated_residual_kernel, rms_rope_kernel
 
@@ -156,8 +172,8 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 # ---------------------------------------------------------------------------------------- LN + modulate
 
 
-def _ln_launch(x, shift, scale1, eps, qinv, residual) -> tuple[torch.Tensor, torch.Tensor | None]:
-    triton, kernel, _, _ = _kernels()
+def _ln_launch(x, shift, scale1, eps, qinv, residual, gate=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    triton, kernel = _kernels()[:2]
     B, L, D = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -172,14 +188,20 @@ def _ln_launch(x, shift, scale1, eps, qinv, residual) -> tuple[torch.Tensor, tor
             shift.float().expand(B, 1, D).contiguous(),
             scale1.float().expand(B, 1, D).contiguous(),
         )
+    if gate is not None:
+        gate = gate.float().expand(B, 1, D).contiguous()
     block = triton.next_power_of_2(D)
-    r = min(16, max(2, 8192 // block))  # rows per step: measured best at D = 1536 (4) and 5120 (2)
+    # Rows per step and warps, measured best on an H100 at 32,760 rows: plain, 4 rows (D = 1536) or 2 (D =
+    # 5120) on 4 warps; with the residual (two more row tiles live, plus the gate), 2 rows on 4 warps at
+    # D = 1536 (128 vs 138 us gated) and on 16 at D = 5120 (507 vs 970 us: 4 warps spill registers).
+    r = min(16, max(2, 8192 // block)) if residual is None else 2
+    warps = 4 if residual is None else max(4, block // 512)
     kernel[(triton.cdiv(L, _LN_ROWS_PER_PROGRAM), B)](
         x, out, shift if has_mod else x, scale1 if has_mod else x, x if qinv is None else qinv,
-        x if residual is None else residual, x if total is None else total,
-        L, D, eps, x.stride(0), x.stride(1), D, _LN_ROWS_PER_PROGRAM,
-        HAS_MOD=has_mod, QUANT=qinv is not None, HAS_RES=residual is not None, R=r, BLOCK_D=block,
-        num_warps=4,
+        x if residual is None else residual, x if total is None else total, x if gate is None else gate,
+        L, D, eps, x.stride(0), x.stride(1), D, D, _LN_ROWS_PER_PROGRAM,
+        HAS_MOD=has_mod, QUANT=qinv is not None, HAS_RES=residual is not None, HAS_GATE=gate is not None,
+        R=r, BLOCK_D=block, num_warps=warps,
     )  # fmt: skip
     return out, total
 
@@ -208,13 +230,14 @@ def _add_ln_modulate_cuda(
     scale1: torch.Tensor | None,
     eps: float,
     qinv: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, total = _ln_launch(x, shift, scale1, eps, qinv, residual)
+    out, total = _ln_launch(x, shift, scale1, eps, qinv, residual, gate)
     return total, out
 
 
 @_add_ln_modulate_cuda.register_fake
-def _(x, residual, shift, scale1, eps, qinv=None):
+def _(x, residual, shift, scale1, eps, qinv=None, gate=None):
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype if qinv is None else E4M3)
     return torch.empty(x.shape, device=x.device, dtype=x.dtype), out
 
@@ -241,20 +264,27 @@ def add_layer_norm_modulate(
     shift: torch.Tensor | None,
     scale1: torch.Tensor | None,
     eps: float,
+    *,
+    gate: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     fp8: bool = False,
+    row_norm: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | Fp8Codes]:
     """(x + residual, `layer_norm_modulate` of that sum) in one pass on CUDA: the sum is rounded to x's
-    dtype, as `x + residual` would be, before it is normalised. fp8=True: the second result is
-    `layer_norm_modulate_fp8`'s codes."""
+    dtype, as `x + residual` would be, before it is normalised. gate ([B, 1, D] fp32): the sum is
+    `gated_residual(x, residual, gate)` instead. weight / bias: an affine LayerNorm (shift / scale1 None).
+    fp8=True: the second result is `layer_norm_modulate_fp8`'s codes (with `row_norm` as there)."""
     if not (_use_triton(x) and residual.dtype == x.dtype and residual.shape == x.shape):
-        total = x + residual
+        total = x + residual if gate is None else gated_residual(x, residual, gate)
         if fp8:
-            return total, layer_norm_modulate_fp8(total, shift, scale1, eps)
-        return total, layer_norm_modulate(total, shift, scale1, eps)
+            return total, layer_norm_modulate_fp8(total, shift, scale1, eps, weight, bias, row_norm)
+        return total, layer_norm_modulate(total, shift, scale1, eps, weight, bias)
+    scale1, shift = _modulation(scale1, shift, weight, bias)
     if not fp8:
-        return _add_ln_modulate_cuda(x, residual, shift, scale1, eps)
-    qscale, qinv, norm = _ln_fp8_scales(x.shape[-1], shift, scale1, x.device)
-    total, q = _add_ln_modulate_cuda(x, residual, shift, scale1, eps, qinv)
+        return _add_ln_modulate_cuda(x, residual, shift, scale1, eps, None, gate)
+    qscale, qinv, norm = _ln_fp8_scales(x.shape[-1], shift, scale1, x.device, row_norm)
+    total, q = _add_ln_modulate_cuda(x, residual, shift, scale1, eps, qinv, gate)
     return total, Fp8Codes(q, qscale, x.dtype, norm)
 
 
@@ -329,7 +359,7 @@ def _codes(y: torch.Tensor, qinv: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("dit_rt::gated_residual", mutates_args=())
 def _gated_residual_cuda(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    triton, _, kernel, _ = _kernels()
+    triton, kernel = _kernels()[0], _kernels()[2]
     B, L, D = x.shape
     x = x.contiguous()
     y, rows, stride = _rows(y)
@@ -364,10 +394,18 @@ def _rms_norm_rope_cuda(
     sin: torch.Tensor | None,
     qinv: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    triton, _, _, kernel = _kernels()
     B, L, D = x.shape
-    x, rows, stride = _rows(x)
     out = torch.empty(B, L, D, device=x.device, dtype=x.dtype if qinv is None else E4M3)
+    _rms_rope_launch(x, weight, eps, cos, sin, qinv, out[None], normed=1, cast=False)
+    return out
+
+
+def _rms_rope_launch(x, weight, eps, cos, sin, qinv, out, normed: int, cast: bool) -> None:
+    """`rms_rope_kernel` over x's rows (`normed` + `cast` segments of D = out.shape[-1] channels each) into
+    out [normed + cast, B, L, D]."""
+    triton, kernel = _kernels()[0], _kernels()[3]
+    x, rows, stride = _rows(x)
+    L, D = x.shape[1], out.shape[-1]
     has_rope = cos is not None
     half_dh = cos.shape[-1] if has_rope else 1
     block = triton.next_power_of_2(D)
@@ -376,11 +414,10 @@ def _rms_norm_rope_cuda(
     pow2 = has_rope and half_dh & (half_dh - 1) == 0 and D % (2 * half_dh) == 0
     kernel[(rows,)](
         x, weight, cos if has_rope else weight, sin if has_rope else weight, out,
-        weight if qinv is None else qinv, L, D, eps, stride, half_dh,
-        HAS_ROPE=has_rope, HEADS_POW2=pow2, QUANT=qinv is not None, BLOCK_D=block,
-        num_warps=8 if block >= 8192 and not pow2 else 4,
+        weight if qinv is None else qinv, L, D, eps, stride, out.stride(0), half_dh,
+        HAS_ROPE=has_rope, HEADS_POW2=pow2, QUANT=qinv is not None, NORMED=normed, CAST=cast,
+        BLOCK_D=block, num_warps=8 if block >= 8192 and not pow2 else 4,
     )  # fmt: skip
-    return out
 
 
 @_rms_norm_rope_cuda.register_fake
@@ -436,3 +473,64 @@ def rms_norm_rope_fp8(
     y = F.rms_norm(x, x.shape[-1:], weight, eps).unflatten(-1, (heads, -1))  # rounded to x's dtype
     y = y.float() if cos is None else apply_rope(y.float(), cos, sin)  # then fp32 into the codes
     return _codes(y, qinv), qscale
+
+
+# ---------------------------------------------------------------------------------------- fused q, k, v codes
+
+
+@torch.library.custom_op("dit_rt::qkv_norm_rope_fp8", mutates_args=())
+def _qkv_fp8_cuda(
+    qkv: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    qinv: torch.Tensor,
+) -> torch.Tensor:
+    B, L, D3 = qkv.shape
+    out = torch.empty(3, B, L, D3 // 3, device=qkv.device, dtype=E4M3)  # q, k, v codes
+    _rms_rope_launch(qkv, torch.cat((wq, wk)), eps, cos, sin, qinv, out, normed=2, cast=True)
+    return out
+
+
+@_qkv_fp8_cuda.register_fake
+def _(qkv, wq, wk, eps, cos, sin, qinv):
+    B, L, D3 = qkv.shape
+    return torch.empty(3, B, L, D3 // 3, device=qkv.device, dtype=E4M3)
+
+
+def qkv_norm_rope_fp8(
+    qkv: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    eps: float,
+    heads: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    v_bound: torch.Tensor,
+) -> tuple[Fp8Codes, Fp8Codes, Fp8Codes]:
+    """q, k, v of a fused self-attention projection qkv [B, L, 3D] as per-tensor e4m3 codes [B, L, heads,
+    Dh], in one pass over qkv on CUDA: q and k as `rms_norm_rope_fp8` makes them (RMSNorm over D with
+    weights wq / wk and the norms' common eps, RoPE with cos / sin [L, 1, Dh/2], the static RMSNorm
+    bound as scale), v cast with the scale v_bound / 448, v_bound a tensor known to bound |v| (see
+    `fp8.output_bound`: the projection's weight row norms times its input's row-norm bound). Replaces two
+    RMSNorm + RoPE passes, an amax pass and a cast pass over v."""
+    D = qkv.shape[-1] // 3
+    dt = qkv.dtype
+    (qs, qi), (ks, ki) = (_static_scale(math.sqrt(D) * w.float().abs().amax(), qkv.device) for w in (wq, wk))
+    vs, vi = _static_scale(v_bound, qkv.device)
+    if _use_triton(qkv) and qkv.stride(-1) == 1:
+        c, s = _rope_rows(qkv, cos, sin)
+        q, k, v = _qkv_fp8_cuda(qkv, wq.to(dt), wk.to(dt), eps, c, s, torch.cat((qi, ki, vi))).unbind(0)
+    else:
+        q, k = (
+            rms_norm_rope_fp8(t, w, eps, heads, cos, sin)[0].flatten(2)
+            for t, w in ((qkv[..., :D], wq), (qkv[..., D : 2 * D], wk))
+        )
+        v = _codes(qkv[..., 2 * D :], vi)
+
+    def codes(t: torch.Tensor, scale: torch.Tensor) -> Fp8Codes:
+        return Fp8Codes(t.unflatten(-1, (heads, -1)), scale, dt)
+
+    return codes(q, qs), codes(k, ks), codes(v, vs)

@@ -30,11 +30,12 @@ from dit_rt.ops.elementwise import (
     gated_residual,
     layer_norm_modulate,
     layer_norm_modulate_fp8,
+    qkv_norm_rope_fp8,
     rms_norm_rope,
     rms_norm_rope_fp8,
 )
 from dit_rt.ops.linear import Fp8Codes, gelu_ffn
-from dit_rt.ops.linear.fp8 import quantize_act
+from dit_rt.ops.linear.fp8 import output_bound, quantize_act
 from dit_rt.ops.linear.triton_quant import quantize_bounded
 from dit_rt.parallel.sequence import SequencePlan
 from dit_rt.runner import BlockRunner
@@ -286,13 +287,13 @@ def _takes_codes(linear: nn.Module, x: torch.Tensor) -> bool:
     return isinstance(linear, Linear) and linear.takes_fp8_codes(x)
 
 
-def norm_into(linear: nn.Module, x: torch.Tensor, shift, scale1, eps: float, weight=None, bias=None):
+def norm_into(linear: nn.Module, x: torch.Tensor, shift, scale1, eps: float):
     """`layer_norm_modulate` of x for `linear`: as per-tensor fp8 codes when that Linear's format takes them
-    (its activation quantization then fuses into this pass), else in x's dtype. Used for the attention
-    projections, which read no row-norm bound (only the FFN's does: `add_layer_norm_modulate` below)."""
+    (its activation quantization then fuses into this pass), else in x's dtype. The codes carry a row-norm
+    bound: the self-attention's values get their scale from it (`SelfAttention`)."""
     if _takes_codes(linear, x):
-        return layer_norm_modulate_fp8(x, shift, scale1, eps, weight, bias, row_norm=False)
-    return layer_norm_modulate(x, shift, scale1, eps, weight, bias)
+        return layer_norm_modulate_fp8(x, shift, scale1, eps)
+    return layer_norm_modulate(x, shift, scale1, eps)
 
 
 def rms_norm_into(attn: Attention, x: torch.Tensor):
@@ -345,12 +346,18 @@ class SelfAttention(nn.Module):
         self.attn = Attention(head_dim=dim // heads)
 
     def forward(self, x: torch.Tensor, rope: RotaryFreqs) -> torch.Tensor:
-        q, k, v = self.to_qkv(x).chunk(3, dim=-1)  # [B, L, D] views of one [B, L, 3D] GEMM output
+        qkv = self.to_qkv(x)  # [B, L, 3D]
         nq, nk, h = self.norm_q, self.norm_k, self.heads
+        out = self.to_out[0]
+        if self.attn.takes_fp8_codes and qkv.is_cuda and out.takes_fp8_codes(qkv):
+            v_bound = output_bound(self.to_qkv, x)  # |v| <= ||W_j|| ||x|| + |b_j|: no amax pass over v
+            if v_bound is not None:  # fp8 end to end, q, k and v in one pass over qkv, o as codes too
+                q, k, v = qkv_norm_rope_fp8(qkv, nq.weight, nk.weight, nq.eps, h, rope.cos, rope.sin, v_bound)
+                return out(out_codes(self.attn(q, k, v), [v.scale]))
+        q, k, v = qkv.chunk(3, dim=-1)  # [B, L, D] views
         norm = rms_norm_into(self.attn, q)
         q = norm(q, nq.weight, nq.eps, h, rope.cos, rope.sin)  # [B, L, H, Dh], one fused pass
         k = norm(k, nk.weight, nk.eps, h, rope.cos, rope.sin)
-        out = self.to_out[0]
         if isinstance(q, Fp8Codes) and out.takes_fp8_codes(v):  # fp8 end to end: v and o as codes too
             vq = v_codes(v, h)
             return out(out_codes(self.attn(q, k, vq), [vq.scale]))
@@ -424,10 +431,15 @@ class WanBlock(nn.Module):
         # fp32 LayerNorm(x) * (1 + scale) + shift, in the model dtype for the next GEMM (one fused pass; fp8
         # codes straight away when that GEMM is fp8 per-tensor).
         y = self.attn1(norm_into(self.attn1.to_qkv, x, shift, 1 + scale, self.eps), rope)
-        x = gated_residual(x, y, gate)  # x + y * gate in fp32
 
         n = self.norm2
-        y = norm_into(self.attn2.to_q, x, None, None, n.eps, n.weight, n.bias) if n is not None else x
+        if n is None:
+            x = y = gated_residual(x, y, gate)  # x + y * gate in fp32
+        else:  # the gated residual and the cross-attention's affine LayerNorm in one pass
+            x, y = add_layer_norm_modulate(
+                x, y, None, None, n.eps, gate=gate, weight=n.weight, bias=n.bias,
+                fp8=_takes_codes(self.attn2.to_q, x), row_norm=False,
+            )  # fmt: skip
         # x + attn2(...) (no gate, model dtype, as the reference) and the FFN's LayerNorm in one pass
         x, y = add_layer_norm_modulate(
             x, self.attn2(y, context, context_img), c_shift, 1 + c_scale, self.eps,

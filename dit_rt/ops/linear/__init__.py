@@ -107,7 +107,8 @@ class Linear(nn.Module):
         """Convert the loaded weight to format `fmt` in place, once; frees the high-precision weight.
 
         Options are per format (fp8-per-tensor: slice_scales, one weight scale per fused slice instead of
-        one for the whole weight; nvfp4: w4a4; svdquant: rank, group_size, w4a4, alpha, act_absmax).
+        one for the whole weight; fp8-per-tensor and fp8-rowwise: fast_accum, default True, False for
+        cuBLAS's fp32-promoted sums; nvfp4: w4a4; svdquant: rank, group_size, w4a4, alpha, act_absmax).
         """
         impl = get_format(fmt)
         if self.fmt != "default":
