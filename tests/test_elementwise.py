@@ -119,11 +119,14 @@ for dt in (torch.float32, torch.bfloat16):
     # fused q, k, v codes of one [q | k | v] projection (wq, wk: the q / k norms' weights)
     wk = torch.randn(D).to(dt)
     vb = qkv[..., 2 * D :].float().abs().amax() * 1.5
-    ref3 = E.qkv_norm_rope_fp8(qkv, wq, wk, 1e-6, H, cos, sin, vb)  # CPU tensors: the torch path
+    qb = torch.randn(3 * D).to(dt)  # the projection's bias, added in the same pass
+    ref3 = E.qkv_norm_rope_fp8(qkv, wq, wk, 1e-6, H, cos, sin, vb, qb)  # CPU tensors: the torch path
     qi = torch.cat([1.0 / t.scale for t in ref3])
-    got3 = E._qkv_fp8_cuda(qkv, wq, wk, 1e-6, c, s, qi).unflatten(-1, (H, -1))
+    got3 = E._qkv_fp8_cuda(qkv, wq, wk, 1e-6, c, s, qi, qb).unflatten(-1, (H, -1))
     pairs8 = [(ref_q, got_q), (rq, gq)] + [(t.q, got3[i]) for i, t in enumerate(ref3)]
-    assert torch.equal(ref3[0].q.float(), E.rms_norm_rope_fp8(qkv[..., :D], wq, 1e-6, H, cos, sin)[0].float())
+    biased = (qkv.float() + qb.float()).to(dt)
+    want_q = E.rms_norm_rope_fp8(biased[..., :D], wq, 1e-6, H, cos, sin)[0]
+    assert torch.equal(ref3[0].q.float(), want_q.float())
     for ref_codes, got_codes in pairs8:
         assert got_codes.dtype == torch.float8_e4m3fn and got_codes.shape == ref_codes.shape
         av, bv = ref_codes.float(), got_codes.float()
@@ -317,3 +320,12 @@ def test_qkv_codes_in_one_pass():
     assert v.q.shape == (B, L, H, D // H) and v.q.float().abs().max() < 448
     assert torch.allclose(v.scale, bound / 448)
     assert ((v.q.float() * v.scale - vref).norm() / vref.norm()).item() < 0.05
+    # the projection's bias left out of the GEMM and added in this pass: the same codes
+    unbiased = qkv_proj(codes, bias=False)
+    assert not torch.allclose(unbiased, qkv)
+    for a, b in zip(
+        qkv_norm_rope_fp8(unbiased, wq, wk, 1e-6, H, rope.cos, rope.sin, bound, qkv_proj.bias), (q, k, v)
+    ):
+        assert torch.equal(a.q.float(), b.q.float()) and torch.equal(a.scale, b.scale)
+    with pytest.raises(ValueError, match="takes fp8 codes"):
+        qkv_proj(x, bias=False)

@@ -322,15 +322,16 @@ for mode in ("tensor", "row"):
     got_q, got_s = triton_quant.quantize(x, mode, 256, None, gelu=True)
     ref_q, ref_s = fp8.quantize_act(x.float(), mode, 256, None, gelu=True)
     assert got_q.shape == (70, 256) and torch.allclose(got_s, ref_s, rtol=1e-5), (mode, got_s, ref_s)
-# codes with a known bound (no amax pass), of x + y: the kernel against the torch fallback
+# codes with a known bound (no amax pass), of x + y + a bias: the kernel against the torch fallback
 triton_, tensor_kernel = triton_quant._kernels()[:2]
 y = torch.randn(70, 200).to(torch.bfloat16)
-bound = (x.float() + y.float()).abs().amax().reshape(1) * 1.5
-ref_q, ref_s = triton_quant.quantize_bounded(x, bound, y)  # CPU tensors: the torch fallback
+b = torch.randn(200).to(torch.bfloat16)
+bound = (x.float() + y.float() + b.float()).abs().amax().reshape(1) * 1.5
+ref_q, ref_s = triton_quant.quantize_bounded(x, bound, y, bias=b)  # CPU tensors: the torch fallback
 got_q = torch.empty(70, 200, dtype=torch.float8_e4m3fn)
 got_s = torch.empty(1)
-args = (x, got_q, bound, got_s, 70, 200, 200, 200, y, 200)
-tensor_kernel[(2, 2)](*args, GELU=False, HAS_Y=True, BLOCK_M=64, BLOCK_K=128)
+args = (x, got_q, bound, got_s, 70, 200, 200, 200, y, 200, b)
+tensor_kernel[(2, 2)](*args, GELU=False, HAS_Y=True, HAS_BIAS=True, BLOCK_M=64, BLOCK_K=128)
 assert torch.allclose(got_s, ref_s) and torch.allclose(ref_s, bound / 448)
 av, bv = ref_q.float(), got_q.float()
 carry = (bv == av / 2) & (torch.log2(av.abs()) % 1 == 0)  # the interpreter's truncating e4m3 cast

@@ -103,9 +103,9 @@ def _kernels():
 
     @triton.jit
     def rms_rope_kernel(
-        x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, qinv_ptr, L, D, eps, stride_xr, stride_out,
+        x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, qinv_ptr, b_ptr, L, D, eps, stride_xr, stride_out,
         HALF_DH: tl.constexpr, HAS_ROPE: tl.constexpr, HEADS_POW2: tl.constexpr, QUANT: tl.constexpr,
-        NORMED: tl.constexpr, CAST: tl.constexpr, BLOCK_D: tl.constexpr,
+        NORMED: tl.constexpr, CAST: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         # One token row: NORMED consecutive D-channel segments of it (q; or q and k of a fused [q | k | v]
         # row, weights [w_q | w_k]), each loaded contiguously, RMSNorm over its D channels (rounded to the
@@ -114,18 +114,28 @@ def _kernels():
         # D = heads x 2 HALF_DH): the segment is viewed as [heads, HALF_DH, 2] and the token's HALF_DH angles
         # are loaded once and broadcast over the heads (gathering them per channel pair cost as much as the
         # norm). CAST: the next segment (v) is passed through as it is. Segment i goes to out_ptr + i *
-        # stride_out; QUANT: as e4m3 codes with the caller's static scale 1 / qinv[i].
+        # stride_out; QUANT: as e4m3 codes with the caller's static scale 1 / qinv[i]. HAS_BIAS: the
+        # projection's bias (one D-vector per segment) is added first, the sum rounded to the model dtype
+        # as the GEMM's bias epilogue would have.
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
         x_row = x_ptr + row.to(tl.int64) * stride_xr
         out = out_ptr + row.to(tl.int64) * D + cols
         if CAST:  # issued first: its load overlaps the norms' reductions
-            v = tl.load(x_row + NORMED * D + cols, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(x_row + NORMED * D + cols, mask=mask, other=0.0)
+            if HAS_BIAS:
+                b = tl.load(b_ptr + NORMED * D + cols, mask=mask, other=0.0).to(tl.float32)
+                v = (v.to(tl.float32) + b).to(x_ptr.dtype.element_ty)
+            v = v.to(tl.float32)
             v = tl.clamp(v * tl.load(qinv_ptr + NORMED), -448.0, 448.0)
             tl.store(out + NORMED * stride_out, v.to(out_ptr.dtype.element_ty), mask=mask)
         for i in tl.static_range(NORMED):
-            x = tl.load(x_row + i * D + cols, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_row + i * D + cols, mask=mask, other=0.0)
+            if HAS_BIAS:
+                b = tl.load(b_ptr + i * D + cols, mask=mask, other=0.0).to(tl.float32)
+                x = (x.to(tl.float32) + b).to(x_ptr.dtype.element_ty)
+            x = x.to(tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
             w = tl.load(w_ptr + i * D + cols, mask=mask, other=0.0).to(tl.float32)
             y = (x * rstd * w).to(x_ptr.dtype.element_ty).to(tl.float32)
@@ -396,13 +406,13 @@ def _rms_norm_rope_cuda(
 ) -> torch.Tensor:
     B, L, D = x.shape
     out = torch.empty(B, L, D, device=x.device, dtype=x.dtype if qinv is None else E4M3)
-    _rms_rope_launch(x, weight, eps, cos, sin, qinv, out[None], normed=1, cast=False)
+    _rms_rope_launch(x, weight, eps, cos, sin, qinv, None, out[None], normed=1, cast=False)
     return out
 
 
-def _rms_rope_launch(x, weight, eps, cos, sin, qinv, out, normed: int, cast: bool) -> None:
-    """`rms_rope_kernel` over x's rows (`normed` + `cast` segments of D = out.shape[-1] channels each) into
-    out [normed + cast, B, L, D]."""
+def _rms_rope_launch(x, weight, eps, cos, sin, qinv, bias, out, normed: int, cast: bool) -> None:
+    """`rms_rope_kernel` over x's rows (`normed` + `cast` segments of D = out.shape[-1] channels each, plus
+    `bias` [segments x D] or None) into out [normed + cast, B, L, D]."""
     triton, kernel = _kernels()[0], _kernels()[3]
     x, rows, stride = _rows(x)
     L, D = x.shape[1], out.shape[-1]
@@ -414,9 +424,10 @@ def _rms_rope_launch(x, weight, eps, cos, sin, qinv, out, normed: int, cast: boo
     pow2 = has_rope and half_dh & (half_dh - 1) == 0 and D % (2 * half_dh) == 0
     kernel[(rows,)](
         x, weight, cos if has_rope else weight, sin if has_rope else weight, out,
-        weight if qinv is None else qinv, L, D, eps, stride, out.stride(0), half_dh,
-        HAS_ROPE=has_rope, HEADS_POW2=pow2, QUANT=qinv is not None, NORMED=normed, CAST=cast,
-        BLOCK_D=block, num_warps=8 if block >= 8192 and not pow2 else 4,
+        weight if qinv is None else qinv, weight if bias is None else bias, L, D, eps, stride,
+        out.stride(0), half_dh, HAS_ROPE=has_rope, HEADS_POW2=pow2, QUANT=qinv is not None,
+        NORMED=normed, CAST=cast, HAS_BIAS=bias is not None, BLOCK_D=block,
+        num_warps=8 if block >= 8192 and not pow2 else 4,
     )  # fmt: skip
 
 
@@ -487,15 +498,16 @@ def _qkv_fp8_cuda(
     cos: torch.Tensor,
     sin: torch.Tensor,
     qinv: torch.Tensor,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     B, L, D3 = qkv.shape
     out = torch.empty(3, B, L, D3 // 3, device=qkv.device, dtype=E4M3)  # q, k, v codes
-    _rms_rope_launch(qkv, torch.cat((wq, wk)), eps, cos, sin, qinv, out, normed=2, cast=True)
+    _rms_rope_launch(qkv, torch.cat((wq, wk)), eps, cos, sin, qinv, bias, out, normed=2, cast=True)
     return out
 
 
 @_qkv_fp8_cuda.register_fake
-def _(qkv, wq, wk, eps, cos, sin, qinv):
+def _(qkv, wq, wk, eps, cos, sin, qinv, bias=None):
     B, L, D3 = qkv.shape
     return torch.empty(3, B, L, D3 // 3, device=qkv.device, dtype=E4M3)
 
@@ -509,21 +521,25 @@ def qkv_norm_rope_fp8(
     cos: torch.Tensor,
     sin: torch.Tensor,
     v_bound: torch.Tensor,
+    bias: torch.Tensor | None = None,
 ) -> tuple[Fp8Codes, Fp8Codes, Fp8Codes]:
     """q, k, v of a fused self-attention projection qkv [B, L, 3D] as per-tensor e4m3 codes [B, L, heads,
     Dh], in one pass over qkv on CUDA: q and k as `rms_norm_rope_fp8` makes them (RMSNorm over D with
     weights wq / wk and the norms' common eps, RoPE with cos / sin [L, 1, Dh/2], the static RMSNorm
     bound as scale), v cast with the scale v_bound / 448, v_bound a tensor known to bound |v| (see
-    `fp8.output_bound`: the projection's weight row norms times its input's row-norm bound). Replaces two
-    RMSNorm + RoPE passes, an amax pass and a cast pass over v."""
+    `fp8.output_bound`: the projection's weight row norms times its input's row-norm bound). bias [3D]:
+    the projection's bias, left out of its GEMM (`Linear(x, bias=False)`), added here first (the sums
+    rounded to qkv's dtype). Replaces two RMSNorm + RoPE passes, an amax pass and a cast pass over v."""
     D = qkv.shape[-1] // 3
     dt = qkv.dtype
     (qs, qi), (ks, ki) = (_static_scale(math.sqrt(D) * w.float().abs().amax(), qkv.device) for w in (wq, wk))
     vs, vi = _static_scale(v_bound, qkv.device)
     if _use_triton(qkv) and qkv.stride(-1) == 1:
         c, s = _rope_rows(qkv, cos, sin)
-        q, k, v = _qkv_fp8_cuda(qkv, wq.to(dt), wk.to(dt), eps, c, s, torch.cat((qi, ki, vi))).unbind(0)
+        b = None if bias is None else bias.to(dt)
+        q, k, v = _qkv_fp8_cuda(qkv, wq.to(dt), wk.to(dt), eps, c, s, torch.cat((qi, ki, vi)), b).unbind(0)
     else:
+        qkv = qkv if bias is None else (qkv.float() + bias.float()).to(dt)
         q, k = (
             rms_norm_rope_fp8(t, w, eps, heads, cos, sin)[0].flatten(2)
             for t, w in ((qkv[..., :D], wq), (qkv[..., D : 2 * D], wk))

@@ -346,15 +346,16 @@ class SelfAttention(nn.Module):
         self.attn = Attention(head_dim=dim // heads)
 
     def forward(self, x: torch.Tensor, rope: RotaryFreqs) -> torch.Tensor:
-        qkv = self.to_qkv(x)  # [B, L, 3D]
         nq, nk, h = self.norm_q, self.norm_k, self.heads
-        out = self.to_out[0]
-        if self.attn.takes_fp8_codes and qkv.is_cuda and out.takes_fp8_codes(qkv):
-            v_bound = output_bound(self.to_qkv, x)  # |v| <= ||W_j|| ||x|| + |b_j|: no amax pass over v
-            if v_bound is not None:  # fp8 end to end, q, k and v in one pass over qkv, o as codes too
-                q, k, v = qkv_norm_rope_fp8(qkv, nq.weight, nk.weight, nq.eps, h, rope.cos, rope.sin, v_bound)
+        out, proj = self.to_out[0], self.to_qkv
+        if self.attn.takes_fp8_codes and isinstance(x, Fp8Codes) and out.takes_fp8_codes(x.q):
+            v_bound = output_bound(proj, x)  # |v| <= ||W_j|| ||x|| + |b_j|: no amax pass over v
+            if v_bound is not None:  # fp8 end to end: q, k, v in one pass over qkv (adding the bias), o too
+                qkv = proj(x, bias=False)  # [B, L, 3D]; the bias joins in the next pass
+                w, c, s = (nq.weight, nk.weight), rope.cos, rope.sin
+                q, k, v = qkv_norm_rope_fp8(qkv, *w, nq.eps, h, c, s, v_bound, proj.bias)
                 return out(out_codes(self.attn(q, k, v), [v.scale]))
-        q, k, v = qkv.chunk(3, dim=-1)  # [B, L, D] views
+        q, k, v = self.to_qkv(x).chunk(3, dim=-1)  # [B, L, D] views of one [B, L, 3D] GEMM output
         norm = rms_norm_into(self.attn, q)
         q = norm(q, nq.weight, nq.eps, h, rope.cos, rope.sin)  # [B, L, H, Dh], one fused pass
         k = norm(k, nk.weight, nk.eps, h, rope.cos, rope.sin)

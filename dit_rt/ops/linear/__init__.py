@@ -153,14 +153,19 @@ class Linear(nn.Module):
             and triton_quant.available()
         )
 
-    def forward(self, x: torch.Tensor | Fp8Codes) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Codes, bias: bool = True) -> torch.Tensor:
+        """y = x W^T + b. bias=False (fp8 codes inputs only) leaves b out for the caller's next pass to add:
+        a fused kernel reading y anyway adds it for free, where the GEMM's bias epilogue is not."""
         if isinstance(x, Fp8Codes):
             if getattr(self._format, "code_mode", None) != "tensor" or x.q.shape[-1] != self.qweight.shape[1]:
                 raise ValueError(
                     f"a {self.fmt!r} Linear of {self.in_features} inputs cannot take these fp8 codes"
                 )
-            y = self._format.forward_codes(self, x.q.reshape(-1, x.q.shape[-1]), x.scale, x.dtype)
+            q = x.q.reshape(-1, x.q.shape[-1])
+            y = self._format.forward_codes(self, q, x.scale, x.dtype, bias=bias)
             return y.reshape(*x.q.shape[:-1], self.out_features)
+        if not bias:
+            raise ValueError("Linear(x, bias=False) takes fp8 codes (Fp8Codes), not a tensor")
         if self._format is None:
             return F.linear(x, self.weight, self.bias)
         if x.shape[-1] != self.in_features:

@@ -52,10 +52,12 @@ def _kernels():
 
     @triton.jit
     def tensor_kernel(
-        x_ptr, q_ptr, amax_ptr, s_ptr, M, K, Kp, stride_xm, y_ptr, stride_ym,
-        GELU: tl.constexpr, HAS_Y: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr, q_ptr, amax_ptr, s_ptr, M, K, Kp, stride_xm, y_ptr, stride_ym, b_ptr,
+        GELU: tl.constexpr, HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        # Codes of x (HAS_Y: of x + y) with the scale amax / 448; amax is measured or a known bound.
+        # Codes of x (HAS_Y: of x + y; HAS_BIAS: plus a bias over the columns, before GELU) with the scale
+        # amax / 448; amax is measured or a known bound.
         pid_m, pid_k = tl.program_id(0), tl.program_id(1)
         amax = tl.maximum(tl.load(amax_ptr).to(tl.float32), 1e-12)
         scale, inv = amax / 448.0, 448.0 / amax
@@ -69,6 +71,8 @@ def _kernels():
             x += tl.load(
                 y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :], mask=mask, other=0.0
             ).to(tl.float32)
+        if HAS_BIAS:
+            x += tl.load(b_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
         if GELU:
             u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
             x = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
@@ -191,8 +195,9 @@ def _quantize(x: torch.Tensor, mode: str, k_pad: int, m_pad: int | None, gelu: b
         s = torch.empty(1, device=x.device, dtype=torch.float32)
         bm, bk = _CAST_TILE
         tensor_kernel[(triton.cdiv(M, bm), triton.cdiv(k_pad, bk))](
-            x, q, amax, s, M, K, k_pad, x.stride(0), x, 0, GELU=gelu, HAS_Y=False, BLOCK_M=bm, BLOCK_K=bk
-        )
+            x, q, amax, s, M, K, k_pad, x.stride(0), x, 0, x,
+            GELU=gelu, HAS_Y=False, HAS_BIAS=False, BLOCK_M=bm, BLOCK_K=bk,
+        )  # fmt: skip
         return q, s
     if mode == "row":
         s = torch.empty(Mp, 1, device=x.device, dtype=torch.float32)
@@ -211,24 +216,29 @@ def _quantize(x: torch.Tensor, mode: str, k_pad: int, m_pad: int | None, gelu: b
 
 
 def quantize_bounded(
-    x: torch.Tensor, bound: torch.Tensor, y: torch.Tensor | None = None, gelu: bool = False
+    x: torch.Tensor,
+    bound: torch.Tensor,
+    y: torch.Tensor | None = None,
+    gelu: bool = False,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor e4m3 codes (M, K) of x (or of x + y; gelu=True: of GELU-tanh(x), computed in fp32), x / y
-    (M, K) with contiguous rows, and the dequant scale (1,) = bound / 448, where `bound` (a tensor, on x's
-    device) is known to cover the quantized values: one pass, no amax (e.g. an attention output is bounded
-    by its values' range). Saturates if it does not."""
+    """Per-tensor e4m3 codes (M, K) of x (or of x + y; gelu=True: of GELU-tanh(x + bias), computed in fp32,
+    bias (K,) or None), x / y (M, K) with contiguous rows, and the dequant scale (1,) = bound / 448, where
+    `bound` (a tensor, on x's device) is known to cover the quantized values: one pass, no amax (e.g. an
+    attention output is bounded by its values' range). Saturates if it does not."""
     if gelu and y is not None:
         raise ValueError("quantize_bounded: gelu applies to x alone; pass y=None")
-    return _quantize_bounded_op(x, bound.reshape(1).float(), y, gelu)
+    return _quantize_bounded_op(x, bound.reshape(1).float(), y, gelu, bias)
 
 
 @torch.library.custom_op("dit_rt::fp8_quantize_bounded", mutates_args=())
 def _quantize_bounded_op(
-    x: torch.Tensor, bound: torch.Tensor, y: torch.Tensor | None, gelu: bool
+    x: torch.Tensor, bound: torch.Tensor, y: torch.Tensor | None, gelu: bool, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     M, K = x.shape
     if not (x.is_cuda and _HAVE_TRITON):
         v = x.float() if y is None else x.float() + y.float()
+        v = v if bias is None else v + bias.float()
         v = torch.nn.functional.gelu(v, approximate="tanh") if gelu else v
         s = bound.clamp_min(1e-12) / 448.0
         return (v / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), s
@@ -238,11 +248,12 @@ def _quantize_bounded_op(
     bm, bk = _CAST_TILE
     tensor_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
         x, q, bound, s, M, K, K, x.stride(0), x if y is None else y, 0 if y is None else y.stride(0),
-        GELU=gelu, HAS_Y=y is not None, BLOCK_M=bm, BLOCK_K=bk,
+        x if bias is None else bias, GELU=gelu, HAS_Y=y is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=bm, BLOCK_K=bk,
     )  # fmt: skip
     return q, s
 
 
 @_quantize_bounded_op.register_fake
-def _(x, bound, y, gelu):
+def _(x, bound, y, gelu, bias=None):
     return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(1, dtype=torch.float32)
