@@ -64,7 +64,9 @@ def remove_compile(model: nn.Module) -> None:
         block._compiled_call_impl = None
     opts = getattr(runner, "compile_options", None)
     if opts is not None and opts.cuda_graphs:
-        runner.graphs = None
+        from dit_rt.graphs import remove_cuda_graphs
+
+        remove_cuda_graphs(model)
     runner.compile_options = None
 
 

@@ -1,16 +1,27 @@
-"""CUDA graphs for the block stack: capture the runner's loop once per input signature, then replay it.
+"""CUDA graphs of the transformer forward: capture it once per input signature, then replay it.
 
 A diffusion run calls the same stack of blocks with the same shapes at every step, so the whole loop
-(hundreds of kernels per block) can be recorded once and replayed with one launch. The seam is the
-BlockRunner: `apply_cuda_graphs(model)` gives the runner a StackGraphs, and every `runner.run(...)` call
-(the full stack, or the ranges a step cache asks for) goes through it:
+(hundreds of kernels per block) can be recorded once and replayed with one launch. `apply_cuda_graphs(model)`
+records at two levels, one StackGraphs serving both:
 
-- the key is (start, stop, the tree structure of the inputs, and each leaf: a tensor's shape, dtype,
-  device and strides, or a plain value); a new key captures a new graph (a new resolution, a CFG batch);
+- the whole forward (embedders, block stack, head) when nothing in it has to run in eager code: no step
+  cache and no block hooks on the runner (checked at every call). The embedders' and the head's few dozen
+  small kernels then cost no host time either (at Wan 1.3B the host spent ~1 ms launching them while the
+  GPU idled, plus ~0.5 ms in the stack's checks). Tensors a module caches in plain attributes (Wan's RoPE
+  table) are held by the graph that read them, so a replaced cache entry is never freed under it;
+- otherwise the BlockRunner's seam: every `runner.run(...)` call (the full stack, or the ranges a step
+  cache asks for) goes through it.
+
+For both:
+
+- the key is ("forward" or the (start, stop) range, the tree structure of the inputs, and each leaf: a
+  tensor's shape, dtype, device and strides, or a plain value); a new key captures a new graph (a new
+  resolution, a CFG batch);
 - inputs are copied into the graph's static buffers before each replay, and the output is returned as a
   fresh copy, so two calls (the two CFG branches) never alias;
-- the block weights' addresses are recorded at capture and checked before each replay: weights that moved
-  (a parked Wan 2.2 expert brought back) make that graph be captured again instead of reading freed memory;
+- the weights' addresses (the blocks', or the whole model's) are recorded at capture and checked before
+  each replay: weights that moved (a parked Wan 2.2 expert brought back) make that graph be captured again
+  instead of reading freed memory;
 - eager (no graph) when autograd is on, when the inputs are not on CUDA, or when block hooks (offload)
   are installed, whose copies must run between blocks.
 
@@ -75,10 +86,24 @@ class _Graph:
     inputs: list[torch.Tensor]  # static buffers, in leaf order
     replay: Callable[[], None]
     output: torch.Tensor
-    weights: list[tuple[torch.Tensor, int]]  # (tensor, data_ptr at capture)
+    weights: list[torch.Tensor]
+    addresses: list[int]  # the weights' data_ptr at capture
+    held: list[torch.Tensor]  # module-cached tensors the recording reads (kept alive)
 
     def weights_moved(self) -> bool:
-        return any(t.data_ptr() != ptr for t, ptr in self.weights)
+        return list(map(torch.Tensor.data_ptr, self.weights)) != self.addresses
+
+
+def _cached_tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
+    """Tensors the modules hold in plain attributes (caches such as Wan's RoPE table), not parameters or
+    buffers: a graph that read them keeps them alive."""
+    held = []
+    for root in modules:
+        for m in root.modules():
+            for name, v in vars(m).items():
+                if name not in ("_parameters", "_buffers", "_modules"):
+                    held += [t for t in pytree.tree_leaves(v) if isinstance(t, torch.Tensor)]
+    return held
 
 
 class StackGraphs:
@@ -89,39 +114,64 @@ class StackGraphs:
         self.graphs: dict[tuple, _Graph] = {}
         self.captures = 0  # how many graphs were recorded (recaptures included)
         self.replays = 0
+        self._in_forward = False  # recording a whole forward: its runner runs the plain loop inside
 
     def run(self, runner: BlockRunner, blocks: nn.ModuleList, x, args, kwargs, start, stop) -> torch.Tensor:
-        leaves, spec = pytree.tree_flatten((x, args, kwargs))
+        if self._in_forward:
+            return runner.loop(blocks, x, args, kwargs, start, stop)
+        stop_ = len(blocks) if stop is None else stop
+        out = self._replay(
+            (start, stop), (x, args, kwargs), list(blocks[start:stop_]),
+            lambda sx, sargs, skwargs: runner.loop(blocks, sx, sargs, skwargs, start, stop),
+        )  # fmt: skip
+        return runner.loop(blocks, x, args, kwargs, start, stop) if out is None else out
+
+    def forward(self, model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        """model's forward on (args, kwargs): one replay of the whole forward when no step cache or block
+        hook has to run in it, else the plain forward (whose block stack goes through `run`)."""
+        plain = type(model).forward
+        runner = model.runner
+        if runner.stack_hook is not None or runner.block_hooks:
+            return plain(model, *args, **kwargs)
+
+        def record(sargs, skwargs):
+            self._in_forward = True
+            try:
+                return plain(model, *sargs, **skwargs)
+            finally:
+                self._in_forward = False
+
+        out = self._replay(("forward",), (args, kwargs), [model], record, hold=True)
+        return plain(model, *args, **kwargs) if out is None else out
+
+    def _replay(self, head: tuple, tree, modules: list[nn.Module], fn, hold: bool = False):
+        """Replay (recording first if needed) fn over the leaves of `tree`; None where no graph applies."""
+        leaves, spec = pytree.tree_flatten(tree)
         tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
         on_cuda = all(t.is_cuda for t in tensors) or not isinstance(self.capture, CudaRecorder)
         if torch.is_grad_enabled() or not on_cuda:
-            return runner.loop(blocks, x, args, kwargs, start, stop)
-        key = (start, stop, spec, tuple(_signature(leaf) for leaf in leaves))
+            return None
+        key = (*head, spec, tuple(_signature(leaf) for leaf in leaves))
         graph = self.graphs.get(key)
         if graph is not None and graph.weights_moved():
             del self.graphs[key]  # a parked expert came back at new addresses: record again
             graph = None
         if graph is None:
-            graph = self.graphs[key] = self._record(runner, blocks, leaves, spec, start, stop)
+            graph = self.graphs[key] = self._record(leaves, spec, modules, fn, hold)
         for buf, t in zip(graph.inputs, tensors):
             buf.copy_(t)
         graph.replay()
         self.replays += 1
         return graph.output.clone()
 
-    def _record(self, runner, blocks, leaves, spec, start, stop) -> _Graph:
+    def _record(self, leaves, spec, modules, fn, hold) -> _Graph:
         static = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
-        sx, sargs, skwargs = pytree.tree_unflatten(static, spec)
-        stop_ = len(blocks) if stop is None else stop
-        weights = [
-            (t, t.data_ptr())
-            for block in blocks[start:stop_]
-            for t in (*block.parameters(), *block.buffers())
-        ]
-        replay, out = self.capture(lambda: runner.loop(blocks, sx, sargs, skwargs, start, stop))
+        weights = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+        addresses = [t.data_ptr() for t in weights]
+        replay, out = self.capture(lambda: fn(*pytree.tree_unflatten(static, spec)))
         self.captures += 1
         inputs = [t for t in static if isinstance(t, torch.Tensor)]
-        return _Graph(inputs, replay, out, weights)
+        return _Graph(inputs, replay, out, weights, addresses, _cached_tensors(modules) if hold else [])
 
 
 def apply_cuda_graphs(model: nn.Module, capture: Capture | None = None) -> StackGraphs:
@@ -135,10 +185,16 @@ def apply_cuda_graphs(model: nn.Module, capture: Capture | None = None) -> Stack
     runner, _ = runner_and_blocks(model)
     if any(isinstance(h, BlockOffload) for h in runner.block_hooks):
         raise ValueError("CUDA graphs cannot be combined with offload='block' (weights move between blocks)")
-    runner.graphs = StackGraphs(capture)
-    return runner.graphs
+    graphs = runner.graphs = StackGraphs(capture)
+
+    def graphed_forward(*args, **kwargs):
+        return graphs.forward(model, args, kwargs)
+
+    model.forward = graphed_forward  # an instance attribute: nn.Module.__call__ finds it first
+    return graphs
 
 
 def remove_cuda_graphs(model: nn.Module) -> None:
     runner, _ = runner_and_blocks(model)
     runner.graphs = None
+    model.__dict__.pop("forward", None)

@@ -47,6 +47,27 @@ def test_replay_equals_eager_and_outputs_do_not_alias(pair):
 
 
 @torch.no_grad()
+def test_whole_forward_is_one_graph_and_holds_the_rope_it_read(pair):
+    """Without a step cache the whole forward (embedders, stack, head) is recorded, not the runner's stack;
+    the RoPE table cached on the model when a graph was recorded stays alive in that graph after a new
+    resolution replaces the cache, so going back replays correctly."""
+    eager, graphed, graphs = pair
+    x, t, ctx = inputs(grid=(2, 4, 4))
+    graphed(x, t, ctx)
+    assert [key[0] for key in graphs.graphs] == ["forward"]
+    first_rope = graphed._rope_cache[1]
+    x6, t6, ctx6 = inputs(grid=(2, 4, 6))
+    assert torch.equal(graphed(x6, t6, ctx6), eager(x6, t6, ctx6))
+    assert graphed._rope_cache[1] is not first_rope  # the cache moved on
+    held = next(iter(graphs.graphs.values())).held  # the first resolution's graph
+    assert any(h is first_rope.cos for h in held) and any(h is first_rope.sin for h in held)
+    assert torch.equal(graphed(x, t, ctx), eager(x, t, ctx)) and graphs.captures == 2
+    remove_cuda_graphs(graphed)
+    assert "forward" not in graphed.__dict__ and graphed.runner.graphs is None
+    assert torch.equal(graphed(x, t, ctx), eager(x, t, ctx))
+
+
+@torch.no_grad()
 def test_new_signature_captures_again(pair):
     eager, graphed, graphs = pair
     for grid in [(2, 4, 4), (2, 4, 6), (2, 4, 4)]:
