@@ -104,6 +104,14 @@ for dt in (torch.float32, torch.bfloat16):
     pairs["gated_residual(shard)"] = (E.gated_residual(x, shard, g), E._gated_residual_cuda(x, shard, g))
     pairs["rms(shard)"] = (E.rms_norm_rope(shard, wq, 1e-6, H),
                            E._rms_norm_rope_cuda(shard, wq, 1e-6, None, None).unflatten(-1, (H, -1)))
+    # the VAE's RMS norm + SiLU, written into the frames of a time-padded channels-last conv buffer
+    video = torch.randn(B, 6, 3, 2, 4).to(dt).contiguous(memory_format=torch.channels_last_3d)
+    buf = torch.zeros(B, 6, 5, 2, 4, dtype=dt).contiguous(memory_format=torch.channels_last_3d)
+    gv = torch.randn(6).to(dt)
+    E._rms_norm_silu_cuda(video, gv, 1e-6, buf[:, :, 2:])
+    ref_v = torch.nn.functional.rms_norm(video.movedim(1, -1), (6,), gv, eps=1e-6).movedim(-1, 1)
+    pairs["rms_norm_silu"] = (torch.nn.functional.silu(ref_v), buf[:, :, 2:])
+    assert (buf[:, :, :2] == 0).all()  # the history frames are left alone
     for name, (ref, got) in pairs.items():
         assert got.dtype == dt and got.shape == ref.shape, name
         err = ((ref.float() - got.float()).abs().max() / ref.float().abs().max()).item()

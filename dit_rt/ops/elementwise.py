@@ -156,7 +156,34 @@ def _kernels():
                 y = tl.clamp(y * tl.load(qinv_ptr + i), -448.0, 448.0)
             tl.store(out + i * stride_out, y.to(out_ptr.dtype.element_ty), mask=mask)
 
-    return triton, ln_modulate_kernel, gated_residual_kernel, rms_rope_kernel
+    @triton.jit
+    def rms_silu_kernel(
+        x_ptr,
+        g_ptr,
+        out_ptr,
+        rows,
+        C,
+        eps,
+        stride_xb,
+        stride_ob,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        # BLOCK_R rows of C contiguous channels (a channels-last video, batch b): RMS norm over the
+        # channels times gamma, rounded to the output dtype as the unfused norm would be, then SiLU.
+        pid, b = tl.program_id(0), tl.program_id(1)
+        r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.arange(0, BLOCK_C)
+        mask = (r < rows)[:, None] & (c < C)[None, :]
+        off = r[:, None].to(tl.int64) * C + c[None, :]
+        x = tl.load(x_ptr + b.to(tl.int64) * stride_xb + off, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + c, mask=c < C, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / C + eps)
+        y = (x * rstd[:, None] * g[None, :]).to(out_ptr.dtype.element_ty).to(tl.float32)
+        y = y / (1.0 + tl.exp(-y))
+        tl.store(out_ptr + b.to(tl.int64) * stride_ob + off, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    return triton, ln_modulate_kernel, gated_residual_kernel, rms_rope_kernel, rms_silu_kernel
 
 
 # Token rows per LayerNorm program (a multiple of every R the kernel uses). Measured on an H200 at 32,760
@@ -550,3 +577,44 @@ def qkv_norm_rope_fp8(
         return Fp8Codes(t.unflatten(-1, (heads, -1)), scale, dt)
 
     return codes(q, qs), codes(k, ks), codes(v, vs)
+
+
+# ---------------------------------------------------------------------------------------- RMS norm + SiLU
+
+
+def _frames_rows(t: torch.Tensor) -> bool:
+    """Whether a [B, C, T, H, W] tensor is channels-last within each batch item (rows of C channels, one
+    after another), whatever the batch stride: a video or a time-padded conv buffer's frames."""
+    B, C, T, H, W = t.shape
+    return t.stride()[1:] == (1, H * W * C, W * C, C)
+
+
+@torch.library.custom_op("dit_rt::rms_norm_silu", mutates_args=("out",))
+def _rms_norm_silu_cuda(x: torch.Tensor, gamma: torch.Tensor, eps: float, out: torch.Tensor) -> None:
+    triton, kernel = _kernels()[0], _kernels()[4]
+    B, C, T, H, W = x.shape
+    block_c = triton.next_power_of_2(C)
+    block_r = max(1, 8192 // block_c)
+    rows = T * H * W
+    kernel[(triton.cdiv(rows, block_r), B)](
+        x, gamma, out, rows, C, eps, x.stride(0), out.stride(0), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4
+    )
+
+
+@_rms_norm_silu_cuda.register_fake
+def _(x, gamma, eps, out):
+    return None
+
+
+def rms_norm_silu_(out: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    """out <- SiLU(RMS norm of x over dim 1 times gamma [C]), for [B, C, T, H, W] videos (the Wan VAE's
+    norm -> SiLU -> causal conv): the norm reduces in fp32 and is rounded to x's dtype before the SiLU, as
+    the two unfused ops would. On CUDA with channels-last rows (out may be the frames of a time-padded conv
+    buffer) one pass writes straight into out, instead of a norm pass, a SiLU pass and the copy into the
+    buffer. Returns out."""
+    C = x.shape[1]
+    if _use_triton(x) and out.dtype == x.dtype and _frames_rows(x) and _frames_rows(out):
+        _rms_norm_silu_cuda(x, gamma.reshape(C).to(x.dtype), eps, out)
+        return out
+    y = F.rms_norm(x.movedim(1, -1), (C,), gamma.reshape(C).to(x.dtype), eps=eps).movedim(-1, 1)
+    return out.copy_(F.silu(y))

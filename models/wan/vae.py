@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dit_rt.ops.attention import attention
+from dit_rt.ops.elementwise import rms_norm_silu_
 
 LATENTS_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -150,8 +151,17 @@ class CausalConv3d(nn.Module):
         self.padding = (0, kernel[1] // 2, kernel[2] // 2)
         self.history = kernel[0] - 1 if causal else 0
 
-    def forward(self, x: torch.Tensor, cache: CausalCache | None = None, silu: bool = False) -> torch.Tensor:
-        # x [B, Cin, T, H, W] -> [B, Cout, T, H, W]; silu=True convolves silu(x)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: CausalCache | None = None,
+        silu: bool = False,
+        norm: RMSNorm | None = None,
+    ) -> torch.Tensor:
+        # x [B, Cin, T, H, W] -> [B, Cout, T, H, W]; silu=True convolves silu(x), with `norm` silu(norm(x))
+        fused = norm is not None and silu and self.history and not torch.is_grad_enabled()
+        if norm is not None and not fused:
+            x = norm(x)
         if not self.history:
             return F.conv3d(F.silu(x) if silu else x, self.weight, self.bias, self.stride, self.padding)
         n, (b, c, t, h, w) = self.history, x.shape
@@ -164,8 +174,11 @@ class CausalConv3d(nn.Module):
             padded[:, :, :n].zero_()
         else:
             padded[:, :, :n].copy_(prev)
-        # The activation writes straight into the time-padded buffer: one pass instead of silu + concat.
-        if silu and not torch.is_grad_enabled():
+        # The activation writes straight into the time-padded buffer: one pass instead of silu + concat (and
+        # with the norm, one pass instead of norm + silu + concat).
+        if fused:
+            norm.silu_into(padded[:, :, n:], x)
+        elif silu and not torch.is_grad_enabled():
             torch.ops.aten.silu.out(x, out=padded[:, :, n:])
         else:  # out= has no autograd
             padded[:, :, n:].copy_(F.silu(x) if silu else x)
@@ -188,6 +201,10 @@ class RMSNorm(nn.Module):
         y = F.rms_norm(x.movedim(1, -1), (c,), self.gamma.reshape(c).to(x.dtype), eps=1e-24 / c)
         return y.movedim(-1, 1)
 
+    def silu_into(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out <- silu(self(x)) for videos [B, C, T, H, W], one fused pass on CUDA (`rms_norm_silu_`)."""
+        return rms_norm_silu_(out, x, self.gamma, 1e-24 / x.shape[1])
+
 
 class ResBlock(nn.Module):
     """x + conv2(silu(norm2(conv1(silu(norm1(x)))))), with a 1x1x1 conv shortcut when channels change."""
@@ -202,8 +219,8 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         h = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        x = self.conv1(self.norm1(x), cache, silu=True)
-        x = self.conv2(self.norm2(x), cache, silu=True)
+        x = self.conv1(x, cache, silu=True, norm=self.norm1)
+        x = self.conv2(x, cache, silu=True, norm=self.norm2)
         return x.add_(h)
 
 
@@ -328,7 +345,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x, cache)
         x = self.mid_block(x, cache)
-        return self.conv_out(self.norm_out(x), cache, silu=True)
+        return self.conv_out(x, cache, silu=True, norm=self.norm_out)
 
 
 class UpBlock(nn.Module):
@@ -366,7 +383,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(x, cache), cache)
         for block in self.up_blocks:
             x = block(x, cache)
-        return self.conv_out(self.norm_out(x), cache, silu=True)
+        return self.conv_out(x, cache, silu=True, norm=self.norm_out)
 
 
 class WanVAE(nn.Module):
