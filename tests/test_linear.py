@@ -474,3 +474,23 @@ def test_gelu_ffn_hidden_scale_from_bounds():
     assert hidden_bound(rowwise, codes) is None
     with pytest.raises(ValueError, match="gelu applies to x alone"):
         quantize_bounded(h, bound, h, gelu=True)
+
+
+def test_linear_gelu_epilogue_is_an_opaque_op():
+    """The default format's GELU-tanh GEMM (cuBLASLt epilogue on CUDA) is a custom op with a fake
+    implementation: torch.compile(fullgraph) traces it as one call instead of decomposing it into a GEMM
+    and a separate GELU pass over the hidden activation."""
+    from dit_rt.ops.linear import _linear_gelu_tanh
+
+    x, w, b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(6)
+    torch.library.opcheck(_linear_gelu_tanh, (x, w, b))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    fn = torch.compile(lambda x: _linear_gelu_tanh(x, w, b), backend=backend, fullgraph=True)
+    assert torch.allclose(fn(x), _linear_gelu_tanh(x, w, b))
+    ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert torch.ops.dit_rt.linear_gelu_tanh.default in ops or any("linear_gelu_tanh" in str(o) for o in ops)

@@ -179,11 +179,22 @@ class Linear(nn.Module):
         """GELU (tanh approximation) of this projection. In the default format on CUDA the bias and GELU run
         in the GEMM epilogue (cuBLASLt), saving a full read and write of the (large) FFN hidden activation."""
         if self._format is None and x.is_cuda and self.bias is not None and x.dtype == self.weight.dtype:
-            y = torch._addmm_activation(
-                self.bias, x.reshape(-1, self.in_features), self.weight.t(), use_gelu=True
-            )
+            y = _linear_gelu_tanh(x.reshape(-1, self.in_features), self.weight, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
         return F.gelu(self(x), approximate="tanh")
+
+
+@torch.library.custom_op("dit_rt::linear_gelu_tanh", mutates_args=())
+def _linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU-tanh(x W^T + b) with the bias and GELU in cuBLASLt's epilogue. A custom op so that compiled
+    blocks keep the epilogue: inductor would decompose `_addmm_activation` into a GEMM and a separate
+    GELU pass over the (tokens x ffn_dim) hidden activation."""
+    return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+
+
+@_linear_gelu_tanh.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def fused(in_features: int, out_features: int, sources, bias=True, **kw) -> Linear:
