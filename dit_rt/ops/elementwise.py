@@ -158,17 +158,9 @@ def _kernels():
 
     @triton.jit
     def rms_silu_kernel(
-        x_ptr,
-        g_ptr,
-        out_ptr,
-        rows,
-        C,
-        eps,
-        stride_xb,
-        stride_ob,
-        BLOCK_R: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-    ):
+        x_ptr, g_ptr, out_ptr, rows, C, eps, stride_xb, stride_ob,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
         # BLOCK_R rows of C contiguous channels (a channels-last video, batch b): RMS norm over the
         # channels times gamma, rounded to the output dtype as the unfused norm would be, then SiLU.
         pid, b = tl.program_id(0), tl.program_id(1)
