@@ -100,19 +100,22 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def parse_fast(spec: str) -> tuple[str, tuple[str, ...], str, tuple[str, ...]]:
-    """A fast-mode variant "LINEAR[@LAYER/LAYER...]+ATTENTION[+compile][+graphs]" -> (format, layer name
-    parts, attention, runtime flags).
+    """A fast-mode variant "LINEAR[@LAYER/LAYER...]+ATTENTION[+compile][+graphs][+gelu-pass]" -> (format,
+    layer name parts, attention, runtime flags).
 
     LINEAR is a linear format or "bf16" (none); LAYERs restrict it to block linears whose names contain one
     of them (e.g. "ffn/to_qkv"); ATTENTION defaults to fa3-fp8; "compile" applies per-block torch.compile,
-    "graphs" CUDA graphs of the block loop. "fp8-per-tensor" = every block linear, fa3-fp8, eager.
+    "graphs" CUDA graphs of the block loop, "gelu-pass" the FFN's separate GELU-cast pass instead of the up
+    GEMM's cuBLASLt epilogue (an A/B switch). "fp8-per-tensor" = every block linear, fa3-fp8, eager.
     """
     linear, _, rest = spec.partition("+")
     linear, _, layers = linear.partition("@")
     attention, *flags = rest.split("+") if rest else [""]
-    unknown = set(flags) - {"compile", "graphs"}
+    unknown = set(flags) - {"compile", "graphs", "gelu-pass"}
     if unknown:
-        raise ValueError(f"fast variant {spec!r}: unknown flags {sorted(unknown)}; use +compile / +graphs")
+        raise ValueError(
+            f"fast variant {spec!r}: unknown flags {sorted(unknown)}; use +compile / +graphs / +gelu-pass"
+        )
     return linear, tuple(filter(None, layers.split("/"))), attention or "fa3-fp8", tuple(flags)
 
 
@@ -176,6 +179,15 @@ def bench_transformer(
     ours = out = None
 
     def fast_variant(spec: str, with_step: bool) -> dict:
+        from dit_rt.ops.linear import cublaslt
+
+        cublaslt.set_enabled("gelu-pass" not in parse_fast(spec)[3])
+        try:
+            return timed_variant(spec, with_step)
+        finally:
+            cublaslt.set_enabled(True)
+
+    def timed_variant(spec: str, with_step: bool) -> dict:
         linear, layers, fast_attention, flags = parse_fast(spec)
         fresh()
         model = build(fast_attention)
@@ -309,8 +321,8 @@ def main():
     p.add_argument(
         "--fast",
         default="",
-        help="comma-separated fast variants LINEAR[@LAYER/...]+ATTENTION[+compile][+graphs], e.g. "
-        "fp8-rowwise@ffn+fa3-fp8 or fp8-per-tensor+fa3-fp8+compile",
+        help="comma-separated fast variants LINEAR[@LAYER/...]+ATTENTION[+compile][+graphs][+gelu-pass], "
+        "e.g. fp8-rowwise@ffn+fa3-fp8 or fp8-per-tensor+fa3-fp8+compile",
     )
     p.add_argument("--cfg-step", action="store_true", help="also time a full guided step per fast variant")
     p.add_argument("--profile", action="store_true", help="print dit_rt's kernels by GPU time per mode")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dit_rt.ops.linear import triton_quant
+from dit_rt.ops.linear import cublaslt, triton_quant
 from dit_rt.ops.linear.base import LinearFormat, capability, pad2d, round_up, slice_rows
 
 E4M3 = torch.float8_e4m3fn
@@ -315,7 +315,9 @@ def _finish(m, y: torch.Tensor, bias_applied, with_bias: bool = True) -> torch.T
     return y
 
 
-def gelu_ffn(up, down, x: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
+def gelu_ffn(
+    up, down, x: torch.Tensor, fused: bool | None = None, epilogue: bool | None = None
+) -> torch.Tensor:
     """down(GELU-tanh(up(x))) for two dit_rt Linears (a DiT feed-forward).
 
     Where `down` is fp8-per-tensor or fp8-rowwise and the real kernels run (CUDA sm89+ with Triton), GELU
@@ -323,8 +325,10 @@ def gelu_ffn(up, down, x: torch.Tensor, fused: bool | None = None) -> torch.Tens
     written back in bf16 (GELU + amax + cast passes become amax + cast, or one pass per row). When x is
     `Fp8Codes` with a row-norm bound and `up` is fp8-per-tensor too, the hidden activation's scale comes
     from |GELU(h)| <= max(|h|, 0.17), |h_j| <= ||W_j|| ||x|| + |b_j| and the amax pass goes as well (one
-    pass: GELU and cast). fused=None decides so; fused=True forces that path (emulated off the GPU: the
-    tests' handle on it).
+    pass: GELU and cast). With that bound known, the up GEMM itself ends in bias + GELU + the e4m3 cast
+    where cuBLASLt runs (`cublaslt.gemm_gelu_fp8`): no bf16 hidden activation at all, no pass over it.
+    fused=None / epilogue=None decide so; True forces that path (emulated off the GPU: the tests' handle on
+    it); epilogue=False keeps the separate GELU-cast pass.
     """
     fmt = down._format
     mode = getattr(fmt, "code_mode", None)
@@ -338,13 +342,38 @@ def gelu_ffn(up, down, x: torch.Tensor, fused: bool | None = None) -> torch.Tens
             f"a {down.fmt!r} Linear cannot take pre-quantized fp8 codes; use fp8-per-tensor or fp8-rowwise"
         )
     bound = hidden_bound(up, x) if mode == "tensor" else None
-    if bound is not None:  # up's bias joins in the GELU pass instead of the GEMM epilogue
+    if bound is not None and _epilogue_gelu(up, down, epilogue, x.device):
+        bound = bound.clamp_min(EPS)
+        a = x.q.reshape(-1, x.q.shape[-1])
+        q = cublaslt.gemm_gelu_fp8(
+            a, up.qweight, x.scale, up.weight_scale[0], up.bias, FP8_MAX / bound, up.fast_accum
+        )
+        s = bound / FP8_MAX
+    elif bound is not None:  # up's bias joins in the GELU pass instead of the GEMM epilogue
         h = up(x, bias=False).reshape(-1, up.out_features)
         q, s = triton_quant.quantize_bounded(h, bound, gelu=True, bias=up.bias)
     else:
         h = up(x).reshape(-1, up.out_features)
         q, s = quantize_act(h, mode, down.qweight.shape[1], gelu=True)
     return fmt.forward_codes(down, q, s, dtype).reshape(*x.shape[:-1], down.out_features)
+
+
+def _epilogue_gelu(up, down, epilogue: bool | None, device: torch.device) -> bool:
+    """Whether `gelu_ffn` takes the hidden codes straight from up's GEMM epilogue (`cublaslt`): up is one
+    per-tensor-scaled, unpadded fp8 weight that down reads as is, its bias 16-bit or absent."""
+    if epilogue is False:
+        return False
+    fits = (
+        up.single_scale
+        and up.qweight.shape[0] == up.out_features == down.qweight.shape[1]
+        and (up.bias is None or up.bias.dtype in (torch.bfloat16, torch.float16))
+    )
+    if epilogue and not fits:
+        raise ValueError(
+            "the GELU epilogue needs an unpadded fp8-per-tensor up projection (one weight scale, no "
+            "slice_scales) with a bfloat16/float16 bias; pass epilogue=None to fall back"
+        )
+    return fits and (epilogue or cublaslt.available(device))
 
 
 def output_bound(lin, x) -> torch.Tensor | None:
