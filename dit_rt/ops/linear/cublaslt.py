@@ -29,6 +29,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from dit_rt.ops.linear.base import capability
+
 E4M3 = torch.float8_e4m3fn
 
 # cublasLt.h / library_types.h values (stable across CUDA 12 and 13).
@@ -90,10 +92,6 @@ _LIB = _load()
 _ENABLED = _LIB is not None
 
 
-def _lib():
-    return _LIB
-
-
 def set_enabled(enabled: bool) -> None:
     """Switch the epilogue path on or off (`gelu_ffn` then runs the separate GELU-cast pass): for A/B timing,
     or should a cuBLAS release misbehave. On by default where the library loads."""
@@ -103,9 +101,7 @@ def set_enabled(enabled: bool) -> None:
 
 def available(device: torch.device) -> bool:
     """The epilogue GEMM runs on this device: CUDA sm89+ (fp8 tensor cores), libcublasLt loaded, enabled."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-        return False
-    return _ENABLED
+    return capability(device) >= (8, 9) and _ENABLED  # (0, 0) off CUDA
 
 
 def _check(status: int, what: str) -> None:
@@ -161,7 +157,7 @@ class _Plan:
 def _handle(device_index: int):
     handle = ctypes.c_void_p()
     with torch.cuda.device(device_index):
-        _check(_lib().cublasLtCreate(ctypes.byref(handle)), "handle creation")
+        _check(_LIB.cublasLtCreate(ctypes.byref(handle)), "handle creation")
     return handle
 
 
@@ -172,7 +168,7 @@ def _workspace(device_index: int) -> torch.Tensor:
 
 @functools.cache
 def _plan(device_index: int, M: int, N: int, K: int, bias_dtype, fast_accum: bool) -> _Plan:
-    return _Plan(_lib(), _handle(device_index), M, N, K, bias_dtype, fast_accum)
+    return _Plan(_LIB, _handle(device_index), M, N, K, bias_dtype, fast_accum)
 
 
 def check_args(a, w, scale_a, scale_w, bias, out_scale) -> None:
@@ -238,7 +234,7 @@ def _gemm_gelu_op(
     N = w.shape[0]
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     lib, plan, ws = (
-        _lib(),
+        _LIB,
         _plan(index, M, N, K, None if bias is None else bias.dtype, fast_accum),
         _workspace(index),
     )
