@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dit_rt.checks import Constraints
+
 # Wan's own default negative prompt (Wan2.1 / Wan2.2 `sample_neg_prompt`).
 WAN_NEGATIVE = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
@@ -22,6 +24,20 @@ COSMOS_NEGATIVE = (
     "fake elements, unconvincing visuals, poorly edited content, jump cuts, visual noise, and flickering. "
     "Overall, the video is of poor quality."
 )
+
+
+# What each model's generation arguments must satisfy (dit_rt.checks), known before anything is downloaded:
+# height / width multiples of the VAE's downsampling x the transformer's patch, the frame rule of the VAE's
+# time compression, and whether a conditioning image is taken (from the model specs: wan-cosmos.md B, C.1,
+# C.4-C.6; flux-encoders-schedulers.md).
+WAN_T2V = Constraints(spatial=16, temporal=4, image="none")  # VAE 8 x patch 2; frames 4k+1
+WAN_I2V = Constraints(spatial=16, temporal=4, image="required")
+FLUX1 = Constraints(spatial=16, single_frame=True, image="none")  # VAE 8 x 2x2 packing
+FLUX2 = Constraints(spatial=16, single_frame=True, image="optional")  # optional reference images
+COSMOS1 = Constraints(spatial=16, temporal=8, image="none")  # CV8x8x8 tokenizer x patch (1, 2, 2): 8k+1
+COSMOS2_T2I = Constraints(spatial=16, single_frame=True, image="none")  # Wan 2.1 VAE x patch (1, 2, 2)
+COSMOS2_V2W = Constraints(spatial=16, temporal=4, image="required")  # conditioned on an image or a video
+COSMOS25 = Constraints(spatial=16, temporal=4, image="optional")  # text-, image- or video-to-world
 
 
 @dataclass(frozen=True)
@@ -47,11 +63,13 @@ class Entry:
     revision: str | None = None
     notes: str = ""
     implemented: bool = field(default=False, compare=False)
+    constraints: Constraints = Constraints()
 
 
 def _wan(alias, repo, task, h, w, steps, g, shift, g2=None):
     d = Defaults(h, w, 81, 16, steps, g, g2, shift, WAN_NEGATIVE)
-    return Entry(alias, repo, "wan", task, d, implemented=True)
+    constraints = WAN_I2V if task == "i2v" else WAN_T2V
+    return Entry(alias, repo, "wan", task, d, implemented=True, constraints=constraints)
 
 
 CATALOG: dict[str, Entry] = {
@@ -65,10 +83,20 @@ CATALOG: dict[str, Entry] = {
         _wan("wan2.2-t2v-a14b", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", "t2v", 720, 1280, 40, 4.0, 12.0, g2=3.0),
         _wan("wan2.2-i2v-a14b", "Wan-AI/Wan2.2-I2V-A14B-Diffusers", "i2v", 720, 1280, 40, 3.5, 5.0, g2=3.5),
         Entry(
-            "flux.1-dev", "black-forest-labs/FLUX.1-dev", "flux", "t2i", Defaults(1024, 1024, 1, 1, 28, 3.5)
+            "flux.1-dev",
+            "black-forest-labs/FLUX.1-dev",
+            "flux",
+            "t2i",
+            Defaults(1024, 1024, 1, 1, 28, 3.5),
+            constraints=FLUX1,
         ),
         Entry(
-            "flux.2-dev", "black-forest-labs/FLUX.2-dev", "flux2", "t2i", Defaults(1024, 1024, 1, 1, 50, 4.0)
+            "flux.2-dev",
+            "black-forest-labs/FLUX.2-dev",
+            "flux2",
+            "t2i",
+            Defaults(1024, 1024, 1, 1, 50, 4.0),
+            constraints=FLUX2,
         ),
         Entry(
             "cosmos-predict2.5-2b",
@@ -77,6 +105,7 @@ CATALOG: dict[str, Entry] = {
             "v2w",
             Defaults(704, 1280, 93, 16, 36, 7.0, negative_prompt=COSMOS_NEGATIVE),
             revision="diffusers/base/post-trained",
+            constraints=COSMOS25,
         ),
         Entry(
             "cosmos-predict2-2b-video2world",
@@ -84,6 +113,7 @@ CATALOG: dict[str, Entry] = {
             "cosmos",
             "v2w",
             Defaults(704, 1280, 93, 16, 35, 7.0, negative_prompt=COSMOS_NEGATIVE),
+            constraints=COSMOS2_V2W,
         ),
         Entry(
             "cosmos-predict2-14b-video2world",
@@ -91,6 +121,7 @@ CATALOG: dict[str, Entry] = {
             "cosmos",
             "v2w",
             Defaults(704, 1280, 93, 16, 35, 7.0, negative_prompt=COSMOS_NEGATIVE),
+            constraints=COSMOS2_V2W,
         ),
         Entry(
             "cosmos-predict2-2b-text2image",
@@ -98,6 +129,7 @@ CATALOG: dict[str, Entry] = {
             "cosmos",
             "t2i",
             Defaults(768, 1360, 1, 1, 35, 7.0, negative_prompt=COSMOS_NEGATIVE),
+            constraints=COSMOS2_T2I,
         ),
         Entry(
             "cosmos-predict2-14b-text2image",
@@ -105,6 +137,7 @@ CATALOG: dict[str, Entry] = {
             "cosmos",
             "t2i",
             Defaults(768, 1360, 1, 1, 35, 7.0, negative_prompt=COSMOS_NEGATIVE),
+            constraints=COSMOS2_T2I,
         ),
         Entry(
             "cosmos-1.0-diffusion-7b-text2world",
@@ -112,6 +145,7 @@ CATALOG: dict[str, Entry] = {
             "cosmos",
             "t2w",
             Defaults(704, 1280, 121, 30, 36, 7.0, negative_prompt=COSMOS_NEGATIVE),
+            constraints=COSMOS1,
         ),
     ]
 }

@@ -11,6 +11,12 @@ custom ops with fake implementations; quantized linears compile through their em
 CUDA graphs are not inductor's per-function "reduce-overhead" mode here (its graph trees cannot chain the
 outputs of one compiled function called 30 times with different weights): `cuda_graphs=True` records the
 whole block loop instead (`dit_rt.graphs`), over the compiled blocks.
+
+With parallel=, each block stays one full graph. CFG and data parallelism do not reach into the blocks.
+Sequence parallelism's self-attention op is traced where it can be: Ulysses' all-to-alls become functional
+collectives in the graph, Ring attention is one opaque custom op (why: `dit_rt.parallel.sequence`).
+FSDP2's forward hooks are kept out of tracing by torch itself, so they run eagerly around each block's
+compiled forward: the all-gather of the block's weights before it, the reshard after.
 """
 
 from __future__ import annotations

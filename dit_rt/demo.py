@@ -2,11 +2,13 @@
 
 It is built with dit_rt's own modules and saved in the Hub Diffusers layout (the same files and key names
 as a real snapshot), so `dit-rt demo` exercises the whole load -> generate -> save path with no download.
-The weights are random: the output is noise.
+The weights are random: the output is noise. The safetensors files are written here rather than with
+`safetensors.torch.save_file`, which needs numpy, an optional package a core install lacks.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -124,6 +126,27 @@ def checkpoint_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write CPU tensors as one safetensors file (the layout loaders/safetensors_io.py documents)."""
+    from dit_rt.loaders.safetensors_io import DTYPES
+
+    codes = {dtype: code for code, dtype in DTYPES.items()}
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for key, t in state.items():
+        t = t.detach().to("cpu").contiguous()
+        blobs.append(ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()))
+        header[key] = dict(
+            dtype=codes[t.dtype], shape=list(t.shape), data_offsets=[offset, offset + len(blobs[-1])]
+        )
+        offset += len(blobs[-1])
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the tensor data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for blob in blobs:
+            f.write(blob)
+
+
 def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -149,8 +172,6 @@ def _tokenizer_json() -> str:
 
 def write_tiny_wan(folder: Path, seed: int = 0) -> Path:
     """Write the tiny random Wan T2V checkpoint (Hub Diffusers layout) into `folder`."""
-    from safetensors.torch import save_file
-
     from dit_rt.models.text import UMT5Config, UMT5Encoder
     from dit_rt.models.wan import WanTransformer, WanTransformerConfig, WanVAE, WanVAEConfig
 
@@ -177,7 +198,7 @@ def write_tiny_wan(folder: Path, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i, (name, (model, config, weights, config_name)) in enumerate(components.items()):
         (folder / name).mkdir(exist_ok=True)
-        save_file(checkpoint_state(_randomize(model, seed + i)), folder / name / weights)
+        save_safetensors(checkpoint_state(_randomize(model, seed + i)), folder / name / weights)
         (folder / name / config_name).write_text(json.dumps(config, indent=2))
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
@@ -188,18 +209,25 @@ def write_tiny_wan(folder: Path, seed: int = 0) -> Path:
 
 
 def tiny_wan_folder() -> Path:
-    """The demo checkpoint, written on first use; a half-written folder is never left in place."""
+    """The demo checkpoint, written on first use. A failed write leaves nothing behind: no half-written
+    checkpoint and no cache folder that this call created."""
     target = cache_dir() / "demo" / "tiny-wan-t2v"
     if (target / "model_index.json").is_file():
         return target
+    created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-wan-"))
     try:
         write_tiny_wan(tmp)
         tmp.rename(target)
-    except OSError:
-        if not (target / "model_index.json").is_file():  # a concurrent writer did not win the race either
-            raise
-    finally:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and (target / "model_index.json").is_file():
+            return target  # a concurrent writer won the race
+        for p in created:  # innermost first
+            try:
+                p.rmdir()
+            except OSError:  # not empty: someone else put something there meanwhile
+                break
+        raise
     return target

@@ -29,6 +29,20 @@ All graphs of one device share one memory pool (`torch.cuda.MemPool`): they neve
 each keeps its static inputs and output alive, so only intermediates are shared. Works on eager and on
 compiled blocks (`dit_rt.compile`), with every attention backend and linear format whose kernels do not
 synchronise with the host (all of dit_rt's: scales stay on the device).
+
+With parallel= (one process per GPU, NCCL) the graphs hold the collectives that run inside the forward:
+Ulysses' all-to-alls, Ring's isend / irecv, the sequence gather after the block stack. Every rank of a
+group must then launch the same collectives in the same order, whether it replays or records:
+- all ranks see the same keys (sequence shards are padded to equal lengths, CFG ranks run equal shapes),
+  so they record a new key together; the warm-up run before a first recording also creates NCCL's lazy
+  communicators and P2P connections, which cannot be created during a capture;
+- a recapture for moved weights is a rank's own decision (its allocator's addresses), so it records
+  without the warm-up: the rank then runs the collectives exactly once for that call, in the replay,
+  like a rank that only replays;
+- the capture is thread-local (`capture_error_mode`): NCCL's watchdog thread keeps querying the events
+  of earlier collectives, which a global-mode capture forbids to every thread.
+FSDP is refused: it frees each block's gathered weights after use and gathers them into new memory at
+the next forward, on its own streams, which a replay cannot follow.
 """
 
 from __future__ import annotations
@@ -43,8 +57,9 @@ from torch import nn
 
 from dit_rt.runner import BlockRunner, runner_and_blocks
 
-# (fn) -> (replay, output): records fn once; replay() re-runs the recording, rewriting `output` in place.
-Capture = Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
+# (fn, warm_up) -> (replay, output): records fn once (after one eager run of it when warm_up); replay()
+# re-runs the recording, rewriting `output` in place.
+Capture = Callable[[Callable[[], torch.Tensor], bool], tuple[Callable[[], None], torch.Tensor]]
 
 # One CUDA graph memory pool per device, shared by the graphs of every model (two Wan 2.2 experts): graphs
 # never run concurrently. Weakly held: the pool is released once no StackGraphs uses it.
@@ -52,25 +67,32 @@ _POOLS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 class CudaRecorder:
-    """The CUDA recorder: warm fn up once on a side stream (lazy kernel setup must not be recorded), then
-    record it into the device's shared memory pool, which this recorder keeps alive."""
+    """The CUDA recorder: warm fn up once on a side stream (lazy kernel setup and compilation must not be
+    recorded; skipped for a recapture, whose setup is done), then record it into the device's shared memory
+    pool, which this recorder keeps alive."""
 
     def __init__(self):
         self.pool = None
 
-    def __call__(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+    def __call__(
+        self, fn: Callable[[], torch.Tensor], warm_up: bool = True
+    ) -> tuple[Callable[[], None], torch.Tensor]:
+        import torch.distributed as dist
+
         device = torch.device("cuda", torch.cuda.current_device())
         if self.pool is None:
             self.pool = _POOLS.get(device)
             if self.pool is None:
                 self.pool = _POOLS[device] = torch.cuda.MemPool()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
+        if warm_up:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool.id):
+        mode = "thread_local" if dist.is_available() and dist.is_initialized() else "global"
+        with torch.cuda.graph(graph, pool=self.pool.id, capture_error_mode=mode):
             out = fn()
         return graph.replay, out
 
@@ -153,22 +175,23 @@ class StackGraphs:
             return None
         key = (*head, spec, tuple(_signature(leaf) for leaf in leaves))
         graph = self.graphs.get(key)
-        if graph is not None and graph.weights_moved():
+        moved = graph is not None and graph.weights_moved()
+        if moved:
             del self.graphs[key]  # a parked expert came back at new addresses: record again
             graph = None
-        if graph is None:
-            graph = self.graphs[key] = self._record(leaves, spec, modules, fn, hold)
+        if graph is None:  # no warm-up for a recapture (see the module docstring)
+            graph = self.graphs[key] = self._record(leaves, spec, modules, fn, hold, warm_up=not moved)
         for buf, t in zip(graph.inputs, tensors):
             buf.copy_(t)
         graph.replay()
         self.replays += 1
         return graph.output.clone()
 
-    def _record(self, leaves, spec, modules, fn, hold) -> _Graph:
+    def _record(self, leaves, spec, modules, fn, hold, warm_up: bool) -> _Graph:
         static = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         weights = [t for m in modules for t in (*m.parameters(), *m.buffers())]
         addresses = [t.data_ptr() for t in weights]
-        replay, out = self.capture(lambda: fn(*pytree.tree_unflatten(static, spec)))
+        replay, out = self.capture(lambda: fn(*pytree.tree_unflatten(static, spec)), warm_up)
         self.captures += 1
         inputs = [t for t in static if isinstance(t, torch.Tensor)]
         return _Graph(inputs, replay, out, weights, addresses, _cached_tensors(modules) if hold else [])
@@ -177,14 +200,21 @@ class StackGraphs:
 def apply_cuda_graphs(model: nn.Module, capture: Capture | None = None) -> StackGraphs:
     """Replay `model`'s block stack from CUDA graphs (captured per input signature at first use).
 
-    Refused with block offload (its weight copies run between blocks); `capture` replaces the CUDA
-    recorder (tests use a stand-in with the same contract on the CPU).
+    Refused with block offload (its weight copies run between blocks) and with FSDP (its all-gathers put
+    the weights at new addresses at every forward); `capture` replaces the CUDA recorder (tests use a
+    stand-in with the same contract on the CPU).
     """
+    from torch.distributed.fsdp import FSDPModule
+
     from dit_rt.offload import BlockOffload
 
-    runner, _ = runner_and_blocks(model)
+    runner, blocks = runner_and_blocks(model)
     if any(isinstance(h, BlockOffload) for h in runner.block_hooks):
         raise ValueError("CUDA graphs cannot be combined with offload='block' (weights move between blocks)")
+    if any(isinstance(m, FSDPModule) for m in (model, *blocks)):
+        raise ValueError(
+            "CUDA graphs cannot be combined with FSDP (it re-gathers the weights at every forward)"
+        )
     graphs = runner.graphs = StackGraphs(capture)
 
     def graphed_forward(*args, **kwargs):

@@ -13,23 +13,47 @@ import torch
 class GenerationOutput:
     """What `generate` returns.
 
-    frames:  float32 (B, T, H, W, C) in [0, 1] on the CPU; T == 1 for image models.
-    latents: the final denoised latents, before the VAE, in the reference pipeline's latent layout.
-    stats:   counters such as transformer evaluations computed / skipped by a step cache.
+    frames:   float32 (B, T, H, W, C) in [0, 1] on the CPU; T == 1 for image models. Empty (0 elements)
+              when generated with output_type="latents".
+    latents:  the final denoised latents, before the VAE, in the reference pipeline's latent layout.
+    stats:    counters such as transformer evaluations computed / skipped by a step cache.
+    seed:     the seed the initial noise was drawn from (drawn at random when none was given), or None when
+              the caller passed `latents`.
+    metadata: what produced the output (prompt, seed, model, sizes, steps, guidance, runtime options);
+              `save` writes it into the file.
     """
 
     frames: torch.Tensor
     latents: torch.Tensor
     fps: int = 16
     stats: dict = field(default_factory=dict)
+    seed: int | None = None
+    metadata: dict = field(default_factory=dict)
 
-    def save(self, path: str | Path, *, index: int = 0, fps: int | None = None) -> list[Path]:
-        """Write batch item `index` to `path` (.mp4 / .gif / .png / .webp by extension)."""
+    def save(
+        self, path: str | Path, *, index: int = 0, fps: int | None = None, metadata: dict | None = None
+    ) -> list[Path]:
+        """Write batch item `index` to `path` (.mp4 / .gif / .png / .webp by extension); returns the files.
+
+        fps: None uses the model's frame rate. metadata: None writes `self.metadata` (batch lists narrowed to
+        item `index`); {} writes none.
+        """
         from dit_rt import media
 
+        if self.frames.numel() == 0:
+            raise ValueError(
+                "this output holds latents only (output_type='latents'): decode them with "
+                "pipe.decode(out.latents) and save the frames with dit_rt.media.save, or generate with "
+                "output_type='frames'"
+            )
         if not 0 <= index < len(self.frames):
             raise IndexError(f"index {index} is outside the batch of {len(self.frames)}")
-        return media.save(self.frames[index], path, fps=fps or self.fps)
+        if metadata is None:
+            metadata = {
+                k: v[index] if isinstance(v, list) and len(v) == len(self.frames) else v
+                for k, v in self.metadata.items()
+            }
+        return media.save(self.frames[index], path, fps=self.fps if fps is None else fps, metadata=metadata)
 
 
 def as_prompt_list(prompt, name: str = "prompt") -> list[str]:

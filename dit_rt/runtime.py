@@ -70,7 +70,7 @@ class RuntimeOptions:
         degrees must multiply to the world size. The process group is initialised here when the launcher
         has not (NCCL on CUDA, gloo on CPU); on CUDA each process then runs on cuda:LOCAL_RANK.
         """
-        from dit_rt.ops.attention import attention_names
+        from dit_rt.ops.attention import attention_names, available_attention, unusable_reason
         from dit_rt.ops.linear import LINEAR_FORMATS
         from dit_rt.parallel.mesh import init_distributed
 
@@ -89,6 +89,14 @@ class RuntimeOptions:
         names = attention_names()
         if attention not in names:
             raise ValueError(f"attention={attention!r} is unknown; choose one of: {', '.join(names)}")
+        if attention != "auto":  # a named backend that cannot run here fails now, not after the weights load
+            reason = unusable_reason(attention, device=device, dtype=dtype)
+            if reason is not None:
+                usable = ", ".join(["auto", *available_attention(device, dtype)])
+                raise ValueError(
+                    f"attention={attention!r} cannot run with device={device}, "
+                    f"dtype={str(dtype).removeprefix('torch.')}: {reason}; usable there: {usable}"
+                )
         if linear not in LINEAR_FORMATS:
             raise ValueError(f"linear={linear!r} is unknown; choose one of: {', '.join(LINEAR_FORMATS)}")
         if linear != "default" and dtype == torch.float32 and device.type == "cuda":
@@ -103,6 +111,14 @@ class RuntimeOptions:
             raise ValueError(f"compile must be True or False, got {compile!r}")
         if cuda_graphs not in (True, False):
             raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        fsdp = (vars(parallel) if isinstance(parallel, ParallelConfig) else parallel or {}).get("fsdp")
+        if cuda_graphs and fsdp:
+            # FSDP frees each block's gathered weights after it runs and gathers them anew at the next
+            # forward, on its own streams: a replay would read freed memory.
+            raise ValueError(
+                "cuda_graphs=True cannot be combined with parallel fsdp=True (FSDP re-gathers the weights "
+                "into new memory at every forward, which a graph replay cannot follow); drop one of them"
+            )
         if cuda_graphs and device.type != "cuda":
             raise ValueError(
                 f"cuda_graphs=True needs device='cuda' (got device='{device}'); drop cuda_graphs"
@@ -112,11 +128,9 @@ class RuntimeOptions:
             raise ValueError(
                 f"cuda_graphs=True cannot be combined with offload={offload!r}; drop one of them"
             )
-        if parallel and (offload or compile or cuda_graphs):
-            # Not yet proven together (offload streams weights that FSDP would shard; compiled blocks would
-            # trace the Ulysses / Ring collectives): refuse rather than run something untested.
-            what = "offload=" if offload else "compile=True" if compile else "cuda_graphs=True"
-            raise ValueError(f"{what} cannot be combined with parallel= in this version; drop one of them")
+        if parallel and offload:
+            # Offload streams whole weights through the GPU that FSDP would shard; not proven together.
+            raise ValueError(f"offload={offload!r} cannot be combined with parallel=; drop one of them")
         if offload and park_experts:
             raise ValueError(
                 "park_experts=True and offload= both move weights to the host; use offload= alone"

@@ -96,6 +96,16 @@ def _check_components(folder: Path, components: Iterable[str], why: str = "") ->
         )
 
 
+def is_local(ref: str | os.PathLike) -> bool:
+    """Whether a model reference names a local folder (a path object, an existing folder, or a string that
+    starts like a path) rather than a catalog alias or Hub repo id."""
+    return (
+        isinstance(ref, os.PathLike)
+        or Path(ref).expanduser().is_dir()
+        or str(ref).startswith((".", "/", "~"))
+    )
+
+
 def resolve(
     ref: str | os.PathLike,
     *,
@@ -110,11 +120,7 @@ def resolve(
     allow_patterns: extra file patterns to download besides those components (e.g. root files).
     resolver: alias -> (repo id, revision) or None, used before dit_rt.catalog.
     """
-    if (
-        isinstance(ref, os.PathLike)
-        or Path(ref).expanduser().is_dir()
-        or str(ref).startswith((".", "/", "~"))
-    ):
+    if is_local(ref):
         folder = Path(ref).expanduser()
         index = read_model_index(folder)
         _check_components(folder, pipeline_components(index) if components is None else components)
@@ -136,9 +142,24 @@ def resolve(
     return _snapshot(repo, revision, None if components is None else list(components), allow_patterns or [])
 
 
+def _unreachable(repo: str, revision: str | None, why: str) -> ResolveError:
+    """One line: which repo, that it is not in the local cache (where), that the Hub was not reached (why),
+    and the fixes."""
+    from huggingface_hub import constants
+
+    at = f"@{revision}" if revision else ""
+    flag = f" --revision {revision}" if revision else ""
+    return ResolveError(
+        f"{repo}{at} is not (completely) in the local Hub cache ({constants.HF_HUB_CACHE}; set by HF_HOME / "
+        f"HF_HUB_CACHE) and {why}: connect to the network once, or run `hf download {repo}{flag}` "
+        "(`huggingface-cli download` on older huggingface_hub) and point HF_HOME at that cache, or pass a "
+        "local folder in the Hub Diffusers layout"
+    )
+
+
 def _snapshot(repo: str, revision: str | None, components: list[str] | None, extra: list[str]) -> Path:
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
     offline = constants.HF_HUB_OFFLINE
 
@@ -146,6 +167,18 @@ def _snapshot(repo: str, revision: str | None, components: list[str] | None, ext
         return Path(
             snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=local)
         )
+
+    def download(patterns: list[str]) -> Path:
+        try:
+            return fetch(patterns, local=False)
+        except OfflineModeIsEnabled:
+            raise _unreachable(repo, revision, "HF_HUB_OFFLINE=1") from None
+        except (LocalEntryNotFoundError, ConnectionError, TimeoutError) as e:
+            # huggingface_hub's "cannot find the appropriate snapshot folder ... check your internet
+            # connection" (several lines, a traceback's worth): the Hub did not answer.
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            why = f"{constants.ENDPOINT} could not be reached ({first.removeprefix('Got: ')})"
+            raise _unreachable(repo, revision, why) from None
 
     def get(patterns: list[str], need: list[str]) -> Path:
         """The cached snapshot if it has everything; else a download (which is resumable and skips what is
@@ -159,14 +192,8 @@ def _snapshot(repo: str, revision: str | None, components: list[str] | None, ext
         if offline and folder is not None:
             _check_components(folder, need, "; HF_HUB_OFFLINE=1, so it cannot be downloaded now")
         if offline:
-            raise ResolveError(
-                f"{repo}"
-                + (f"@{revision}" if revision else "")
-                + f" is not (completely) in the local Hub cache ({constants.HF_HUB_CACHE}) and "
-                "HF_HUB_OFFLINE=1; download it once with network access, or point HF_HOME / HF_HUB_CACHE at "
-                "the cache that holds it"
-            )
-        return fetch(patterns, local=False)
+            raise _unreachable(repo, revision, "HF_HUB_OFFLINE=1")
+        return download(patterns)
 
     if components is None:
         index = read_model_index(get(["model_index.json"], []))

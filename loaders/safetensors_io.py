@@ -10,6 +10,7 @@ The format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype,
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import mmap
@@ -298,6 +299,12 @@ def read_exact(path: Path, fd: int, view: memoryview, offset: int) -> None:
             raise CheckpointError(f"{path}: truncated file (read stopped at byte {offset + a + k})")
 
 
+def _writable_view(buf: torch.Tensor, n: int) -> memoryview:
+    """The first n bytes of a contiguous CPU uint8 tensor as a writable memoryview (no numpy: a core install
+    has none). The tensor must outlive the view."""
+    return memoryview((ctypes.c_char * n).from_address(buf.data_ptr())).cast("B")
+
+
 def iter_staged(
     path: Path, items: list[TensorInfo], device: torch.device, staging: PinnedStaging
 ) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
@@ -313,7 +320,7 @@ def iter_staged(
             slot, buf = staging.next()
             if n > buf.numel():  # one tensor larger than the staging buffer: a one-off pinned buffer
                 buf = torch.empty(n, dtype=torch.uint8, pin_memory=staging.pin)
-            read_exact(path, f.fileno(), memoryview(buf.numpy())[:n], start)
+            read_exact(path, f.fileno(), _writable_view(buf, n), start)
             blob = torch.empty(n, dtype=torch.uint8, device=device)
             blob.copy_(buf[:n], non_blocking=True)
             if device.type == "cuda":

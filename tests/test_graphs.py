@@ -17,7 +17,7 @@ from tests.test_wan_transformer import from_reference, inputs
 from tests.tiny_checkpoints import make_wan_transformer
 
 
-def fake_capture(fn):
+def fake_capture(fn, warm_up=True):
     out = fn()
     return (lambda: out.copy_(fn())), out
 

@@ -158,16 +158,29 @@ def test_wan_text_embeddings_match_pipeline(saved):
         ("  a   cat\n\tand a dog  ", "a cat and a dog"),
         ("Tom &amp; Jerry", "Tom & Jerry"),
         ("&amp;lt;b&amp;gt;bold", "<b>bold"),  # unescaped twice
-        ("&amp;amp;amp;", "&amp;"),  # ... but only twice
+        ("&amp;amp;amp;", "&"),  # ftfy decodes entities until none is left
+        ("a&lt;b &amp;amp; c<d", "a<b & c<d"),  # ... but not on a line holding a "<"
         ("caf\u00e9\u3000latte", "caf\u00e9 latte"),  # Unicode whitespace collapses too
         ("", ""),
+        # ftfy's repairs of well-formed text, which the reference runs first (diffusers, Wan's own T5):
+        ("静态，细节模糊不清，字幕", "静态,细节模糊不清,字幕"),  # full-width commas (Wan's negative prompt)
+        ("ＡＢＣ１２３ ｶﾀｶﾅ", "ABC123 カタカナ"),  # full-width ASCII, half-width katakana
+        ("he said \u201chi\u201d, it\u2019s \ufb01ne", 'he said "hi", it\'s fine'),  # quotes, ligature
+        ("e\u0301 \x1b[31mred\x1b[0m\ufeff\x00!", "\u00e9 red!"),  # NFC, terminal escapes, controls
     ],
 )
-def test_prompt_clean(raw, clean, monkeypatch):
+def test_prompt_clean(raw, clean):
     from diffusers.pipelines.wan import pipeline_wan
 
-    # dit_rt does not depend on ftfy: compare with diffusers' own path for a machine without it (the test
-    # extra installs ftfy because diffusers' I2V pipeline calls it unconditionally).
-    monkeypatch.setattr(pipeline_wan, "is_ftfy_available", lambda: False)
-    assert prompt_clean(raw) == clean
+    assert pipeline_wan.is_ftfy_available()  # the reference path as diffusers runs it (the test extra)
     assert pipeline_wan.prompt_clean(raw) == clean
+    assert prompt_clean(raw) == clean
+
+
+def test_prompt_clean_matches_ftfy_on_wan_negative_prompt():
+    import ftfy
+
+    from dit_rt.catalog import WAN_NEGATIVE
+    from dit_rt.models.text.tokenizer import fix_text
+
+    assert fix_text(WAN_NEGATIVE) == ftfy.fix_text(WAN_NEGATIVE) != WAN_NEGATIVE

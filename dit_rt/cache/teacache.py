@@ -195,9 +195,10 @@ def teacache_coefficients(model_name: str | None, ret_steps: bool) -> tuple[floa
     known = sorted({m for m, _ in TEACACHE_COEFFICIENTS})
     what = f"model {model_name!r}" if model_name else "this model (loaded from a folder, no catalog alias)"
     raise ValueError(
-        f"TeaCache has no published coefficients for {what}; known: {', '.join(known)}. Pass "
-        "cache=dict(kind='teacache', coefficients=[...]) (np.poly1d order, highest power first), name the "
-        "model with cache=dict(..., model='<alias>'), or use cache=dict(kind='fbcache', threshold=0.1)"
+        f"TeaCache has no published coefficients for {what}; known: {', '.join(known)}. Pass your own with "
+        "cache=dict(kind='teacache', coefficients=[...]) / --cache-coefficients c4,c3,c2,c1,c0 (np.poly1d "
+        "order, highest power first), borrow a known model's with cache=dict(..., model='<alias>') / "
+        "--cache-model ALIAS, or use cache=dict(kind='fbcache', threshold=0.1) / --cache fbcache"
     )
 
 
@@ -214,7 +215,7 @@ def make_teacache(
     if plan is None:
         raise ValueError(
             f"TeaCache has no plan for {type(model).__name__} (known: {', '.join(TEACACHE_PLANS)}); "
-            "use cache=dict(kind='fbcache')"
+            "use cache=dict(kind='fbcache') / --cache fbcache"
         )
     if coefficients is None:
         coefficients = teacache_coefficients(model_name, bool(ret_steps))

@@ -16,11 +16,22 @@ the tokens, so positions are right on every shard. Matching self-attention modul
 `SequenceParallelAttention` op (Ulysses / Ring / both) wrapping the backend installed before; every
 other Attention (cross-attention over replicated text or image tokens) keeps running locally.
 Apply after `set_attention`: installing a backend again replaces the wrapped ops.
+
+Under torch.compile (per-block, fullgraph=True, dit_rt.compile) the op is traced into the block's graph
+where it can be: Ulysses' `dist.all_to_all_single` is one of the c10d calls dynamo rewrites into a
+functional collective, which inductor schedules like any other op. Ring's batched isend / irecv is not
+traceable (dynamo refuses P2P ops unless an experimental flag is set), and `torch.compiler.disable` around
+it would need fullgraph=False and cut each block into two graphs. So an attention with a ring group (Ring
+alone, or inside Ulysses) enters the compiled graph as one opaque custom op,
+`dit_rt::sequence_parallel_attention`, which runs the eager code above: the block stays one graph, with
+its projections, norms, RoPE and FFN compiled around the op. Eager calls do not go through the op.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import itertools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +67,12 @@ class SequenceLayout:
     valid_len: int | None = None
 
 
+# handle -> op, for the opaque custom op (a custom op takes no Python objects; the handle is a constant
+# of the compiled graph, and dynamo guards on the op object that holds it).
+_OPS: weakref.WeakValueDictionary[int, SequenceParallelAttention] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
+
+
 class SequenceParallelAttention:
     """An Attention `op` for self-attention on sequence shards: op(q, k, v, scale) on (B, Ls, H, D).
 
@@ -70,8 +87,16 @@ class SequenceParallelAttention:
         self.name = (
             f"{getattr(base, 'name', 'custom')}+sp(ulysses={mesh.size('ulysses')}, ring={mesh.size('ring')})"
         )
+        self.handle = next(_HANDLES)
+        _OPS[self.handle] = self
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None):
+        if self.ring_group is not None and torch.compiler.is_compiling():
+            return _opaque_attention(q, k, v, scale, self.handle)  # see the module docstring
+        return self.run(q, k, v, scale)
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None):
+        """The eager sequence-parallel attention (what `__call__` runs outside torch.compile)."""
         valid = self.layout.valid_len
         if self.ulysses_group is not None:
             return ulysses_attention(
@@ -79,6 +104,19 @@ class SequenceParallelAttention:
                 ring_group=self.ring_group,
             )  # fmt: skip
         return ring_attention(q, k, v, scale, group=self.ring_group, backend=self.base, valid_len=valid)
+
+
+@torch.library.custom_op("dit_rt::sequence_parallel_attention", mutates_args=())
+def _opaque_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, handle: int
+) -> torch.Tensor:
+    # Contiguous, as the fake says (Ulysses' head-padding slice is a strided view).
+    return _OPS[handle].run(q, k, v, scale).contiguous()
+
+
+@_opaque_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, handle: int) -> torch.Tensor:
+    return q.new_empty((*q.shape[:3], v.shape[-1]))  # [B, Ls, H, Dv] in q's dtype
 
 
 def _map_tensors(x, fn):
@@ -118,8 +156,11 @@ class SequenceParallel:
                 )
             self.attention += found
         self._ops = [(m, m.op) for m in self.attention]
+        shared: dict[int, SequenceParallelAttention] = {}  # one op per backend: one compiled graph per block
         for m, base in self._ops:
-            m.op = SequenceParallelAttention(base, mesh, self.layout)
+            if id(base) not in shared:
+                shared[id(base)] = SequenceParallelAttention(base, mesh, self.layout)
+            m.op = shared[id(base)]
         runner = modules[plan.runner]
         self._hooks = [
             runner.register_forward_pre_hook(self._shard),

@@ -43,7 +43,10 @@ def pad_to(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
 def shard_sequence(x: torch.Tensor, dim: int, world: int, rank: int) -> torch.Tensor:
     """This rank's contiguous shard of x along `dim`, padded so all `world` shards are equally long."""
     n = shard_len(x.shape[dim], world)
-    return pad_to(x, dim, n * world).narrow(dim, rank * n, n).contiguous()
+    shard = pad_to(x, dim, n * world).narrow(dim, rank * n, n)
+    # A copy with the standard strides: `.contiguous()` would keep a size-1 batch dim's stride of the whole
+    # sequence, and a compiled block (dynamo guards on strides) would compile again for the next block.
+    return shard.clone(memory_format=torch.contiguous_format)
 
 
 def gather_sequence(

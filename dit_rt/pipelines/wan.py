@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from dit_rt import checks
 from dit_rt.cache import cache_branch, cache_reset, cache_stats, cache_step
 from dit_rt.catalog import Defaults, Entry
 from dit_rt.offload import ComponentOffload
@@ -65,6 +66,22 @@ def _fits_beside(model: torch.nn.Module, device: torch.device, headroom: float =
     free, total = torch.cuda.mem_get_info(device)
     size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     return size + headroom * total <= free
+
+
+def constraints(folder: Path, index: dict) -> checks.Constraints:
+    """What a Wan checkpoint accepts, from its configs alone (dit_rt.checks asks before any weight is read):
+    sizes on the VAE x patch grid, frames 4k+1 (the VAE's time compression), an image for image-to-video."""
+    from dit_rt import loaders
+    from dit_rt.models.wan import WanTransformerConfig, WanVAEConfig
+
+    vae = WanVAEConfig.from_config(loaders.read_config(folder / "vae"))
+    patch = WanTransformerConfig.from_config(loaders.read_config(folder / "transformer")).patch_size
+    i2v = index.get("_class_name") == "WanImageToVideoPipeline"
+    return checks.Constraints(
+        spatial=vae.scale_factor_spatial * patch[1],
+        temporal=vae.scale_factor_temporal * patch[0],
+        image="required" if i2v else "none",
+    )
 
 
 class WanPipeline:
@@ -164,6 +181,7 @@ class WanPipeline:
         self.scheduler = UniPCFlowScheduler.from_config(self.scheduler_config)
         self.boundary_timestep = None if ratio is None else ratio * self.scheduler.config.num_train_timesteps
         self.defaults = entry.defaults if entry else self._defaults_from_config()
+        self.constraints = constraints(folder, index)
 
     def _defaults_from_config(self) -> Defaults:
         """A folder outside the catalog: diffusers' WanPipeline call defaults."""
@@ -174,14 +192,10 @@ class WanPipeline:
     # ---------------------------------------------------------------------------------------------- inputs
 
     def check_inputs(self, height, width, num_frames, batch, latents):
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v <= 0 or v % (VAE_SCALE_SPATIAL * PATCH):
-                grid = VAE_SCALE_SPATIAL * PATCH
-                fix = max(grid, round(v / grid) * grid) if isinstance(v, int) else grid
-                raise ValueError(f"{name}={v} must be a positive multiple of {grid} (VAE x patch); try {fix}")
-        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % VAE_SCALE_TEMPORAL:
-            nearest = max(1, (num_frames - 1) // 4 * 4 + 1) if isinstance(num_frames, int) else 81
-            raise ValueError(f"num_frames={num_frames} must be 4k+1 (1, 5, ..., 81); try {nearest}")
+        c = self.constraints
+        checks.check_multiple("height", height, c.spatial)
+        checks.check_multiple("width", width, c.spatial)
+        checks.check_frames(num_frames, c.temporal, default=self.defaults.num_frames)
         shape = self.latent_shape(batch, height, width, num_frames)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for this request, got {tuple(latents.shape)}")
@@ -230,12 +244,9 @@ class WanPipeline:
         output_type: str = "frames",
     ) -> GenerationOutput:
         d = self.defaults
-        if image is not None and not self.i2v:
-            raise ValueError("this Wan checkpoint is text-to-video: `image=` needs an image-to-video model")
-        if image is None and self.i2v:
-            raise ValueError(
-                "this Wan checkpoint is image-to-video: pass image= (a PIL image, path, array or tensor)"
-            )
+        checks.check_image_use(
+            self.constraints, image is not None, self.entry.alias if self.entry else "this Wan checkpoint"
+        )
         if prompt is None:
             raise ValueError("generate() needs a prompt")
         prompts = as_prompt_list(prompt)
@@ -257,9 +268,15 @@ class WanPipeline:
         width = d.width if width is None else width
         num_frames = d.num_frames if num_frames is None else num_frames
         steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive int, got {steps!r}")
+        checks.check_positive_int("num_inference_steps", steps, d.num_inference_steps)
         g1 = d.guidance_scale if guidance_scale is None else guidance_scale
+        checks.check_guidance("guidance_scale", g1, d.guidance_scale)
+        if guidance_scale_2 is not None:
+            checks.check_guidance(
+                "guidance_scale_2", guidance_scale_2, d.guidance_scale_2 or d.guidance_scale
+            )
+        if flow_shift is not None:
+            checks.check_positive("flow_shift", flow_shift, d.flow_shift)
         g2 = (
             guidance_scale_2
             if guidance_scale_2 is not None
@@ -284,6 +301,7 @@ class WanPipeline:
                 "parallel cfg=2 runs the conditional and unconditional passes on different ranks, but "
                 f"guidance_scale={g1} <= 1 runs no unconditional pass; use guidance_scale > 1 or cfg=1"
             )
+        metadata = self._metadata(prompts, negative_prompt, image, height, width, num_frames, steps, g1, g2)
         # Data parallel: this dp group's part of the batch (everything in one process).
         prompts, negatives = split_batch(prompts, dp_group), split_batch(negatives, dp_group)
         if cfg_parallel:  # this rank's pass only: cond on cfg rank 0, uncond on cfg rank 1
@@ -295,6 +313,7 @@ class WanPipeline:
         if latents is None:
             # The whole batch's noise, identical on every rank (one shared seed), then this group's slice.
             seed = self._shared_seed(seed)
+            metadata["seed"] = seed
             latents = torch.randn(shape, generator=make_generator(seed, self.device), device=self.device)
         latents = split_batch(latents.to(self.device, torch.float32), dp_group)
         condition = image_tokens = None
@@ -308,6 +327,7 @@ class WanPipeline:
 
             scheduler = UniPCFlowScheduler.from_config(self.scheduler_config, flow_shift=shift)
         scheduler.set_timesteps(steps, device=self.device)
+        metadata["flow_shift"] = scheduler.config.flow_shift
 
         show = progress_bar and self.options.rank == 0
         # Step caches keep one state per expert and per guidance branch; under cfg parallel each rank runs
@@ -341,26 +361,50 @@ class WanPipeline:
                     callback(i, t, latents)  # under data parallel: this dp group's part of the batch
         stats = cache_stats(self.transformers)
 
-        fps = d.fps
+        out = dict(fps=d.fps, stats=stats, seed=metadata.get("seed"), metadata=metadata)
         if output_type == "latents":
-            return GenerationOutput(
-                frames=torch.empty(0), latents=gather_batch(latents, dp_group, batch), fps=fps, stats=stats
-            )
+            return GenerationOutput(torch.empty(0), gather_batch(latents, dp_group, batch), **out)
         frames = gather_batch(self._decode(latents), dp_group, batch).cpu()
         latents = gather_batch(latents, dp_group, batch)
-        return GenerationOutput(frames=frames, latents=latents, fps=fps, stats=stats)
+        return GenerationOutput(frames=frames, latents=latents, **out)
 
-    def _shared_seed(self, seed: int | None) -> int | None:
-        """With several processes and no seed, rank 0 picks one for all: every rank must draw the same
-        noise (each dp group then takes its slice; sequence and cfg ranks need identical inputs)."""
+    def _shared_seed(self, seed: int | None) -> int:
+        """The seed of the initial noise: `seed`, or when None one drawn at random, so that the output can
+        report it. With several processes rank 0 draws it for all: every rank must draw the same noise (each
+        dp group then takes its slice; sequence and cfg ranks need identical inputs)."""
         import torch.distributed as dist
 
-        if seed is not None or not dist.is_initialized() or dist.get_world_size() == 1:
+        if seed is not None:
             return seed
-        drawn = torch.randint(0, 2**62, (1,), generator=make_generator(None, torch.device("cpu")))
-        drawn = drawn.to(self.device)
-        dist.broadcast(drawn, src=0)
+        drawn = torch.randint(0, 2**32, (1,), generator=make_generator(None, torch.device("cpu")))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            drawn = drawn.to(self.device)
+            dist.broadcast(drawn, src=0)
         return int(drawn.item())
+
+    def _metadata(self, prompts, negative_prompt, image, height, width, num_frames, steps, g1, g2) -> dict:
+        """What produced this output, for GenerationOutput.metadata and the saved file's comment."""
+        from dit_rt import __version__
+
+        o = self.options
+        meta = dict(
+            model=self.entry.alias if self.entry else str(self.folder),
+            prompt=prompts[0] if len(prompts) == 1 else list(prompts),
+        )
+        if negative_prompt is not None:  # the model's default negative prompt is long and implied
+            meta["negative_prompt"] = negative_prompt
+        if isinstance(image, (str, Path)):
+            meta["image"] = str(image)
+        meta.update(height=height, width=width, num_frames=num_frames, num_inference_steps=steps)
+        meta.update(guidance_scale=g1, **({"guidance_scale_2": g2} if len(self.transformers) == 2 else {}))
+        meta["options"] = {
+            "dtype": str(o.dtype).removeprefix("torch."),
+            "attention": o.attention,
+            "linear": o.linear,
+            **{k: v for k, v in (("cache", o.cache), ("offload", o.offload)) if v},
+        }
+        meta["software"] = f"dit_rt {__version__}"
+        return meta
 
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor, batch: int, height: int, width: int, num_frames: int):

@@ -1,25 +1,106 @@
 """T5/UMT5 tokenizer from the Hub `tokenizer/tokenizer.json` (the `tokenizers` library, no transformers),
 the Wan prompt cleaning, and Wan's text-embedding recipe.
 
-Prompt cleaning differs from diffusers' `prompt_clean` in one respect: diffusers first runs `ftfy.fix_text`
-when ftfy happens to be installed. ftfy is not a dependency here, so mojibake ("cafÃ©") and other broken
-Unicode pass through unrepaired; well-formed text (the normal case) cleans identically.
+Prompt cleaning: diffusers (and Wan's own T5 wrapper) run `ftfy.fix_text` first. Its fixes of well-formed
+text change what the model sees and are re-done here without ftfy (`fix_text`): full-width and half-width
+forms to standard width (Wan's own default negative prompt is written with full-width commas, "，" -> ","),
+curly quotes to straight ones, Latin ligatures split, terminal escapes and stray control characters
+removed, NFC. Not re-done: ftfy's mojibake repair ("cafÃ©" -> "café"; C1 controls decoded as cp1252),
+which guesses at broken encodings; such text passes through unrepaired.
 """
 
 from __future__ import annotations
 
 import html
+import html.entities
 import json
+import logging
 import re
+import unicodedata
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
+log = logging.getLogger("dit_rt")
+
+
+_LIGATURE_PAIRS = (
+    "Ĳ=IJ ĳ=ij ŉ=ʼn Ǳ=DZ ǲ=Dz ǳ=dz Ǆ=DŽ ǅ=Dž ǆ=dž Ǉ=LJ ǈ=Lj ǉ=lj Ǌ=NJ ǋ=Nj ǌ=nj "
+    "ﬀ=ff ﬁ=fi ﬂ=fl ﬃ=ffi ﬄ=ffl ﬅ=ſt ﬆ=st"
+)
+
+
+def _width_map() -> dict[int, str]:
+    """Half-width and full-width forms (U+FF01..U+FFEF) -> their NFKC standard-width characters, and the
+    ideographic space U+3000 -> a space: ftfy's `fix_character_width`."""
+    table = {0x3000: " "}
+    for i in range(0xFF01, 0xFFF0):
+        if (standard := unicodedata.normalize("NFKC", chr(i))) != chr(i):
+            table[i] = standard
+    return table
+
+
+# Latin ligatures and legacy digraphs -> their letters (ftfy's `fix_latin_ligatures`).
+_LIGATURES = {ord(k): v for k, v in (pair.split("=") for pair in _LIGATURE_PAIRS.split(" "))}
+_CONTROL = dict.fromkeys([*range(0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF])
+_CONTROL |= dict.fromkeys(range(0xFFF9, 0xFFFD))
+_WIDTH = _width_map()
+_SINGLE_QUOTES, _DOUBLE_QUOTES = re.compile("[\u02bc\u2018-\u201b]"), re.compile("[\u201c-\u201f]")
+_LINE_BREAKS = re.compile("\r\n|[\r\u2028\u2029\x85]")
+_TERMINAL_ESCAPES = re.compile("\033\\[((?:\\d|;)*)([a-zA-Z])")
+
+
+def _html_entities() -> dict[str, str]:
+    """HTML5 entities that end in ";", and all-caps forms of the lower-case ones that are not entities
+    themselves ("&EACUTE;" -> "É"): what ftfy's `unescape_html` decodes."""
+    table = {}
+    for name, char in html.entities.html5.items():
+        if name.endswith(";"):
+            table["&" + name] = char
+            upper = "&" + name.upper()
+            if name == name.lower() and html.unescape(upper) == upper:
+                table[upper] = char.upper()
+    return table
+
+
+_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")
+_ENTITIES = _html_entities()
+
+
+def _unescape_entity(match: re.Match) -> str:
+    text = match.group(0)
+    if text in _ENTITIES:
+        return _ENTITIES[text]
+    if text.startswith("&#") and ";" not in (char := html.unescape(text)):
+        return char
+    return text
+
+
+def fix_text(text: str) -> str:
+    """ftfy.fix_text's repairs of well-formed text, in its order, line by line, each line until nothing
+    changes; HTML entities are decoded until a line holds a "<" (see the module docstring for what is
+    left out)."""
+    out, unescape = [], True
+    for line in re.findall(r"[^\n]*\n|[^\n]+", text):  # lines as ftfy cuts them: at "\n" only
+        unescape = unescape and "<" not in line
+        while True:
+            before = line
+            line = _ENTITY.sub(_unescape_entity, line) if unescape else line
+            line = line.translate(_LIGATURES).translate(_WIDTH)
+            line = _SINGLE_QUOTES.sub("'", _DOUBLE_QUOTES.sub('"', line))
+            line = _LINE_BREAKS.sub("\n", line)
+            line = _TERMINAL_ESCAPES.sub("", line).translate(_CONTROL)
+            line = unicodedata.normalize("NFC", line)
+            if line == before:
+                break
+        out.append(line)
+    return "".join(out)
+
 
 def prompt_clean(text: str) -> str:
-    """Wan prompt cleaning: HTML-unescape twice, strip, collapse whitespace runs to one space."""
-    text = html.unescape(html.unescape(text)).strip()
+    """Wan prompt cleaning: `fix_text`, HTML-unescape twice, strip, collapse whitespace runs to one space."""
+    text = html.unescape(html.unescape(fix_text(text))).strip()
     return re.sub(r"\s+", " ", text).strip()
 
 
@@ -66,6 +147,20 @@ class T5Tokenizer:
             direction=self.padding_side, pad_id=self.pad_id, pad_token=self.pad_token, length=max_length
         )
         encodings = tok.encode_batch(list(prompts), add_special_tokens=True)
+        cut = [i for i, e in enumerate(encodings) if e.overflowing]
+        if cut:  # said once per call, as diffusers does: a silently ignored end of a prompt misleads
+            tok.no_truncation()
+            tok.no_padding()
+            lengths = {i: len(tok.encode(prompts[i], add_special_tokens=True).ids) for i in cut}
+            which = (lambda i: "the prompt") if len(prompts) == 1 else (lambda i: f"prompt {i}")
+            log.warning(
+                "%s (the text encoder reads max_sequence_length=%d tokens)",
+                "; ".join(
+                    f"{which(i)} has {n} tokens, the last {n - max_length} dropped"
+                    for i, n in lengths.items()
+                ),
+                max_length,
+            )
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
         return ids, mask

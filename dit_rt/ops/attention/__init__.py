@@ -25,6 +25,7 @@ from dit_rt.ops.attention.registry import (
     register_attention,
     resolve_attention,
     unregister_attention,
+    unusable_reason,
 )
 from dit_rt.ops.attention.sdpa import SDPA
 
@@ -41,6 +42,7 @@ __all__ = [
     "resolve_attention",
     "set_attention",
     "unregister_attention",
+    "unusable_reason",
 ]
 
 

@@ -10,12 +10,20 @@ float32) that gives CI the numerics of the fp8 path and lets opcheck run without
 """
 
 import functools
-import importlib
 
 import torch
 
 from dit_rt.ops.attention.fp8 import quantize_fp8
-from dit_rt.ops.attention.registry import AttentionBackend, Reason, Result, register_backend
+from dit_rt.ops.attention.registry import (
+    AttentionBackend,
+    BrokenPackage,
+    Reason,
+    Result,
+    cuda_capability,
+    needs_cuda,
+    optional_import,
+    register_backend,
+)
 from dit_rt.ops.attention.sdpa import math_attention
 from dit_rt.ops.codes import Fp8Codes
 
@@ -25,17 +33,29 @@ MODULES = ("flash_attn_interface", "fa3_fwd_interface")
 
 @functools.cache
 def fa3_module():
-    """The first importable FA3 interface module, or None. Imported on first use only."""
+    """The first importable FA3 interface module, or None when none is installed; raises BrokenPackage
+    when one is installed but none imports (fa3-fwd under a CPU-only torch: libc10_cuda.so). Imported on
+    first use only."""
+    broken = None
     for name in MODULES:
         try:
-            return importlib.import_module(name)
-        except (ImportError, OSError):
+            module = optional_import(name)
+        except BrokenPackage as e:
+            broken = broken or e
             continue
+        if module is not None:
+            return module
+    if broken is not None:
+        raise broken
     return None
 
 
 def _requires() -> Reason:
-    if fa3_module() is None:
+    try:
+        module = fa3_module()
+    except BrokenPackage as e:
+        return str(e)
+    if module is None:
         return "FlashAttention-3 is not installed (pip install fa3-fwd==0.0.3, or flash-attention's hopper/)"
     return None
 
@@ -46,14 +66,15 @@ def _head_dim_reason(head_dim: int | None) -> Reason:
     return None
 
 
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    return cuda_capability(device)
 
 
 def _supports(device: torch.device, dtype: torch.dtype, head_dim: int | None) -> Reason:
-    if device.type != "cuda":
-        return "needs a CUDA device"
-    if _capability(device)[0] < 8:
+    capability = None if device.type != "cuda" else _capability(device)
+    if capability is None:
+        return needs_cuda(device)
+    if capability[0] < 8:
         return "needs sm80 or newer"
     # The fa3-fwd wheel is built without fp16 kernels.
     ok = (
@@ -65,8 +86,11 @@ def _supports(device: torch.device, dtype: torch.dtype, head_dim: int | None) ->
 
 
 def _supports_fp8(device: torch.device, dtype: torch.dtype, head_dim: int | None) -> Reason:
-    if device.type != "cuda" or _capability(device) != (9, 0):
-        return "fp8 attention needs an sm90 (Hopper) GPU"
+    capability = None if device.type != "cuda" else _capability(device)
+    if capability is None:
+        return needs_cuda(device) + "; fp8 attention needs an sm90 (Hopper) GPU"
+    if capability != (9, 0):
+        return f"fp8 attention needs an sm90 (Hopper) GPU, this one is sm{capability[0]}{capability[1]}"
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"dtype {dtype} is not a float type to quantize from"
     return _head_dim_reason(head_dim)
@@ -86,9 +110,10 @@ def call_fa3(
     v_descale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The package call: q (B, Lq, H, D), k/v (B, Lk, Hk, D), descales float32 (B, Hk)."""
+    reason = _requires()
+    if reason is not None:
+        raise RuntimeError(reason)
     mod = fa3_module()
-    if mod is None:
-        raise RuntimeError(_requires())
     res = mod.flash_attn_func(
         q, k, v, softmax_scale=scale, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
         return_attn_probs=True,

@@ -3,14 +3,18 @@
 A backend is a plain callable `fn(q, k, v, scale, return_lse)` on (B, L, H, D) tensors plus two checks:
 `requires()` (can this process run it at all: package importable, ...) and `supports(device, dtype,
 head_dim)` (can it take these inputs). Both return None when fine, else a reason a user can act on.
-Optional packages are imported only inside `requires()` and the kernels, never at `import dit_rt`.
+Optional packages are imported only inside `requires()` and the kernels, never at `import dit_rt`, through
+`optional_import`, which tells "not installed" from "installed but fails to import"; `supports` asks the
+device through `cuda_capability`, which never calls CUDA on a CPU device or a torch without CUDA.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -18,6 +22,50 @@ log = logging.getLogger("dit_rt")
 
 Reason = str | None
 Result = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+class BrokenPackage(ImportError):
+    """An optional package that is installed but fails to import; the message says how."""
+
+
+_IMPORTS: dict[str, ModuleType | Exception | None] = {}
+
+
+def optional_import(name: str) -> ModuleType | None:
+    """Import an optional kernel package once: the module, or None when it is not installed.
+
+    A package that is installed but fails to import (a CUDA library missing under a CPU-only torch, an ABI
+    mismatch, a broken dependency) raises BrokenPackage with the import's own error: calling it "not
+    installed" would send the user to reinstall what is there.
+    """
+    if name not in _IMPORTS:
+        try:
+            _IMPORTS[name] = importlib.import_module(name)
+        except ModuleNotFoundError as e:  # absent: the package itself is missing, not one of its imports
+            absent = e.name is not None and name.split(".")[0] == e.name
+            _IMPORTS[name] = None if absent else e
+        except Exception as e:  # an extension module's import may raise anything: report it
+            _IMPORTS[name] = e
+    got = _IMPORTS[name]
+    if isinstance(got, Exception):
+        first = next((line for line in str(got).splitlines() if line.strip()), "")
+        raise BrokenPackage(f"{name} is installed but fails to import: {type(got).__name__}: {first}")
+    return got
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device; None for any other device and when this torch has no usable CUDA
+    (a CPU-only build, no driver, no visible GPU). `supports` checks ask this, never CUDA directly."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def needs_cuda(device: torch.device) -> str:
+    """The reason for a CUDA-only backend on `device`."""
+    if device.type != "cuda":
+        return f"needs a CUDA device (got device={device})"
+    return "needs a CUDA device, and this torch has none usable (a CPU-only build, or no GPU visible)"
 
 
 def _always() -> Reason:
@@ -115,6 +163,13 @@ def _usable(backend: AttentionBackend, device, dtype, head_dim) -> Reason:
     if reason is None and device is not None:
         reason = backend.supports(torch.device(device), dtype, head_dim)
     return reason
+
+
+def unusable_reason(
+    name: str, *, device: torch.device | str, dtype: torch.dtype | None = None, head_dim: int | None = None
+) -> Reason:
+    """Why the registered backend `name` cannot run on these inputs (None when it can; head_dim None: any)."""
+    return _usable(_BACKENDS[name], torch.device(device), dtype, head_dim)
 
 
 def available_attention(

@@ -8,11 +8,19 @@ Measured 422-450 TFLOP/s on an H200 (slower than cuDNN there), so `auto` never p
 """
 
 import functools
-import importlib
 
 import torch
 
-from dit_rt.ops.attention.registry import AttentionBackend, Reason, Result, register_backend
+from dit_rt.ops.attention.registry import (
+    AttentionBackend,
+    BrokenPackage,
+    Reason,
+    Result,
+    cuda_capability,
+    needs_cuda,
+    optional_import,
+    register_backend,
+)
 from dit_rt.ops.attention.sdpa import math_attention
 
 HEAD_DIMS = (64, 96, 128)
@@ -21,24 +29,23 @@ Q_BLOCK, K_BLOCK = 128, 64  # the token blocks that share one int8 scale in sage
 
 @functools.cache
 def sage_module():
-    try:
-        return importlib.import_module("sageattention")
-    except (ImportError, OSError):
-        return None
+    """sageattention, or None when not installed; BrokenPackage when installed but failing to import."""
+    return optional_import("sageattention")
 
 
 def _requires() -> Reason:
-    return (
-        None
-        if sage_module() is not None
-        else "sageattention is not installed (pip install sageattention==1.0.6)"
-    )
+    try:
+        module = sage_module()
+    except BrokenPackage as e:
+        return str(e)
+    return None if module is not None else "sageattention is not installed (pip install sageattention==1.0.6)"
 
 
 def _supports(device: torch.device, dtype: torch.dtype, head_dim: int | None) -> Reason:
-    if device.type != "cuda":
-        return "needs a CUDA device"
-    if torch.cuda.get_device_capability(device)[0] < 8:
+    capability = cuda_capability(device)
+    if capability is None:
+        return needs_cuda(device)
+    if capability[0] < 8:
         return "needs sm80 or newer"
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {dtype} is not float16/bfloat16/float32"
@@ -49,9 +56,10 @@ def _supports(device: torch.device, dtype: torch.dtype, head_dim: int | None) ->
 
 def call_sage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """The package call on (B, L, H, D) ("NHD") tensors; never writes to q, k or v."""
+    reason = _requires()
+    if reason is not None:
+        raise RuntimeError(reason)
     mod = sage_module()
-    if mod is None:
-        raise RuntimeError(_requires())
     k = k - k.mean(dim=1, keepdim=True)  # a new tensor: the smoothing sageattn would do in place
     q, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, v))
     return mod.sageattn(q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=scale, smooth_k=False)

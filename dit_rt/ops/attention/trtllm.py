@@ -13,15 +13,24 @@ import math
 
 import torch
 
-from dit_rt.ops.attention.registry import AttentionBackend, Reason, Result, register_backend
+from dit_rt.ops.attention.registry import (
+    AttentionBackend,
+    BrokenPackage,
+    Reason,
+    Result,
+    cuda_capability,
+    needs_cuda,
+    optional_import,
+    register_backend,
+)
 
 
 @functools.cache
 def trtllm_api():
-    """(get_attention_backend, PredefinedAttentionMask) from tensorrt_llm, or None if it does not import."""
-    try:
-        utils = importlib.import_module("tensorrt_llm._torch.attention_backend.utils")
-    except (ImportError, OSError):
+    """(get_attention_backend, PredefinedAttentionMask) from tensorrt_llm, or None when it is not installed;
+    BrokenPackage when it is installed but fails to import or lacks that API (another version)."""
+    utils = optional_import("tensorrt_llm._torch.attention_backend.utils")
+    if utils is None:
         return None
     for where in ("tensorrt_llm._torch.attention_backend.interface", "tensorrt_llm._torch.modules.attention"):
         try:
@@ -29,16 +38,22 @@ def trtllm_api():
         except (ImportError, AttributeError):
             continue
         return utils.get_attention_backend, mask
-    return None
+    raise BrokenPackage(
+        "tensorrt_llm is installed but has no PredefinedAttentionMask (an unsupported version)"
+    )
 
 
 def _requires() -> Reason:
-    return None if trtllm_api() is not None else "tensorrt_llm is not installed (NVIDIA TensorRT-LLM)"
+    try:
+        api = trtllm_api()
+    except BrokenPackage as e:
+        return str(e)
+    return None if api is not None else "tensorrt_llm is not installed (NVIDIA TensorRT-LLM)"
 
 
 def _supports(device: torch.device, dtype: torch.dtype, head_dim: int | None) -> Reason:
-    if device.type != "cuda":
-        return "needs a CUDA device"
+    if cuda_capability(device) is None:
+        return needs_cuda(device)
     if dtype not in (torch.bfloat16, torch.float16):
         return f"dtype {dtype} is not bfloat16/float16"
     return None
@@ -71,9 +86,10 @@ def _metadata(batch: int, length: int):
 
 def call_trtllm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q (B, L, H, D), k/v (B, L, Hk, D) -> (B, L, H, D)."""
+    reason = _requires()
+    if reason is not None:
+        raise RuntimeError(reason)
     api = trtllm_api()
-    if api is None:
-        raise RuntimeError(_requires())
     b, length, heads, d = q.shape
     if k.shape[1] != length:
         raise ValueError(f"trtllm attention is self-attention only: Lq={length}, Lk={k.shape[1]}")

@@ -1,0 +1,52 @@
+"""tools/bench_e2e.py at the demo's tiny configurations on the CPU: the checkpoint it writes loads on both
+sides, runs accumulate across calls, and its error columns measure what they claim (float32 everywhere
+here, so dit_rt sits at rounding distance from the reference and diffusers' own run at zero)."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+import bench_e2e  # noqa: E402
+
+
+@pytest.mark.parametrize("model", ["wan2.1-t2v-1.3b", "wan2.1-i2v-14b-480p"])
+def test_bench_e2e_tiny(tmp_path, model):
+    common = ["--tiny", "--device", "cpu", "--model", model, "--steps", "2", "--workdir", str(tmp_path)]
+    bench_e2e.main([*common, "--runs", "ref,exact", "--seeds", "0,1"])
+    out = tmp_path / "e2e.json"
+    rows = bench_e2e.main([*common, "--runs", "diffusers", "--seeds", "0,1", "--out", str(out)])
+    by_run = {r["run"]: r for r in rows}
+    assert set(by_run) == {"ref", "diffusers", "exact"}  # the first call's runs are still in the table
+    assert by_run["diffusers"]["rel_l2"] == 0 and math.isinf(by_run["diffusers"]["psnr_db"])
+    assert 0 < by_run["exact"]["rel_l2"] < 1e-4 and by_run["exact"]["psnr_db"] > 80
+    assert len(by_run["exact"]["rel_l2_per_seed"]) == 2
+    assert by_run["ref"]["rel_l2"] is None and by_run["exact"]["median_s"] > 0
+    assert json.loads(out.read_text())["runs"][0]["run"] == "ref"
+
+
+def test_bench_e2e_diagnose(tmp_path, capsys):
+    args = [
+        "--tiny",
+        "--device",
+        "cpu",
+        "--runs",
+        "",
+        "--workdir",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "d.json"),
+    ]
+    bench_e2e.main([*args, "--diagnose"])
+    diag = json.loads((tmp_path / "d.json").read_text())["diagnose"]
+    assert len(diag) == 8 and all(0 < v < 0.1 for v in diag.values())  # bf16 rounding, not a mismatch
+    assert "transformer: dit_rt bf16" in capsys.readouterr().out
+
+
+def test_bench_e2e_rejects_unknown_runs(tmp_path):
+    with pytest.raises(SystemExit, match="unknown"):
+        bench_e2e.main(["--tiny", "--device", "cpu", "--runs", "nope", "--workdir", str(tmp_path)])

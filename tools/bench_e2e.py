@@ -1,0 +1,534 @@
+"""What a user feels: the whole `generate` of dit_rt next to the alternatives a user would pick, same GPU,
+same checkpoint, same latents, and every run's frames against one float32 reference run.
+
+    python tools/bench_e2e.py --model wan2.1-t2v-1.3b --steps 8 --out /tmp/e2e.json
+    python tools/bench_e2e.py --model wan2.1-t2v-1.3b --steps 8 --runs ref          # later calls add runs
+    python tools/bench_e2e.py --model wan2.1-i2v-14b-480p --steps 8 --frames 33
+
+1. A full-size random checkpoint in the Hub Diffusers layout is written once into `--workdir` (every
+   component at its real configuration, written by the reference classes themselves; a small tokenizer).
+2. Each run loads the pipeline (load time reported apart), warms up with one short `generate` (compilation,
+   CUDA-graph capture), then times the whole `generate` (text encoding, every step with CFG, VAE decode,
+   frames to the host) once per seed, from the same latents. Its frames are stored per seed.
+3. The table compares every run's frames with the float32 run's (`ref`) of the same seed: relative L2 and
+   PSNR, averaged over the seeds (>= 3: with random weights, one seed cannot tell a real precision gap from
+   chaos over the steps). Runs accumulate in the work folder across invocations, so a long list can be split
+   over several calls; the table and the JSON cover every run present.
+
+Runs (`--runs`, comma separated; default: all that can run here):
+  ref                 diffusers, everything float32 (the reference; TF32 off)
+  diffusers           diffusers bf16, VAE float32 (as the Wan model cards load it)
+  diffusers-compile   + `transformer.compile_repeated_blocks(fullgraph=True)`
+  diffusers-fp8       + torchao float8 dynamic activation / weight, rowwise scales, + regional compile
+  cache-dit           diffusers bf16 + cache-dit's default DBCache (approximate: skips computation)
+  exact               dit_rt bf16, attention fa3 (sdpa off the GPU)
+  exact-graphs        + compile=True, cuda_graphs=True
+  fast                dit_rt fp8-per-tensor linears + fa3-fp8 attention + compile + CUDA graphs
+`--diagnose` adds, per component (text encoder, one transformer forward, VAE decode), the error of dit_rt's
+and diffusers' bf16 outputs against float32 on identical inputs: where a run rounds where the other does not.
+`--tiny` uses the demo's tiny configurations (CPU smoke test of this script).
+New families add a `Family` entry (builder, diffusers pipeline class, latent shape).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling tools when imported by the tests
+
+from bench_wan import VAE as WAN_VAE  # noqa: E402
+from bench_wan import _hub_config  # noqa: E402
+
+PROMPT = "a cat and a dog baking a cake in a sunny kitchen"
+UMT5_XXL = dict(
+    vocab_size=256384,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+    dropout_rate=0.0,
+    layer_norm_epsilon=1e-6,
+    tie_word_embeddings=False,
+)
+CLIP_VIT_H = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=1024,
+)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Realistic scales: N(0, 1/fan_in) matrices, N(0, 0.02) vectors, unit norm weights; never zeros."""
+    g = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("gamma"):  # norm scales, incl. the Wan VAE's [C, 1, 1, 1]
+                p.fill_(1.0)
+            elif p.ndim == 1:
+                p.normal_(0, 0.02, generator=g)
+            else:
+                p.normal_(0, p[0].numel() ** -0.5, generator=g)
+    return model
+
+
+def small_tokenizer():
+    """The demo's small Unigram tokenizer, wrapped so that both transformers and dit_rt load it."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from dit_rt.demo import _tokenizer_json
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    pipeline: str  # the diffusers pipeline class
+    build: Callable[[Path, str, bool, torch.device], None]  # (folder, alias, tiny, device)
+    latent_shape: Callable[[int, int, int], tuple[int, ...]]  # (height, width, frames) -> one item's shape
+    image: bool = False  # image-conditioned: a test picture goes with every call
+
+
+def _wan_latents(h: int, w: int, f: int) -> tuple[int, ...]:
+    return (1, 16, (f - 1) // 4 + 1, h // 8, w // 8)
+
+
+def build_wan(folder: Path, alias: str, tiny: bool, device: torch.device) -> None:
+    """A Wan T2V / I2V pipeline at its real configuration (or the demo's tiny one), random weights,
+    saved by diffusers' `save_pretrained` (transformer / text encoder bf16, VAE / image encoder fp32)."""
+    import diffusers
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        UMT5Config,
+        UMT5EncoderModel,
+    )
+
+    from dit_rt import demo
+
+    i2v = "i2v" in alias
+    if tiny:
+        transformer = {k: v for k, v in demo.TRANSFORMER.items() if k != "_class_name"}
+        vae = {k: v for k, v in demo.VAE.items() if k != "_class_name"}
+        text = {k: v for k, v in demo.TEXT_ENCODER.items() if k not in ("architectures", "model_type")}
+        clip = dict(
+            CLIP_VIT_H, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+        )
+        if i2v:
+            dim = transformer["num_attention_heads"] * transformer["attention_head_dim"]
+            transformer |= dict(in_channels=36, image_dim=clip["hidden_size"], added_kv_proj_dim=dim)
+    else:
+        preset = "wan2.1-i2v-14b" if i2v else alias
+        transformer, vae, text, clip = _hub_config(preset), dict(WAN_VAE), dict(UMT5_XXL), dict(CLIP_VIT_H)
+    bf16 = torch.float32 if tiny else torch.bfloat16
+    with torch.device(device):
+        parts = dict(
+            transformer=randomize_(diffusers.WanTransformer3DModel(**transformer), 1).to(bf16),
+            vae=randomize_(diffusers.AutoencoderKLWan(**vae), 2),
+            text_encoder=randomize_(UMT5EncoderModel(UMT5Config(**text)), 3).to(bf16),
+        )
+        if i2v:
+            parts["image_encoder"] = randomize_(CLIPVisionModel(CLIPVisionConfig(**clip)), 4)
+            parts["image_processor"] = CLIPImageProcessor(
+                size={"shortest_edge": clip["image_size"]},
+                crop_size={"height": clip["image_size"], "width": clip["image_size"]},
+            )
+    scheduler = diffusers.UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
+    )
+    cls = diffusers.WanImageToVideoPipeline if i2v else diffusers.WanPipeline
+    cls(tokenizer=small_tokenizer(), scheduler=scheduler, **parts).save_pretrained(
+        str(folder), safe_serialization=True
+    )
+
+
+FAMILIES = {
+    "wan-t2v": Family("WanPipeline", build_wan, _wan_latents),
+    "wan-i2v": Family("WanImageToVideoPipeline", build_wan, _wan_latents, image=True),
+}
+
+
+def family_of(alias: str) -> Family:
+    from dit_rt.catalog import lookup
+
+    entry = lookup(alias)
+    if entry is None or not entry.implemented:
+        raise SystemExit(f"--model {alias}: not an implemented catalog alias (`dit-rt models`)")
+    key = f"{entry.family}-{entry.task}"
+    if key not in FAMILIES:
+        raise SystemExit(f"--model {alias}: bench_e2e has no builder for {key} yet")
+    return FAMILIES[key]
+
+
+def test_image(height: int, width: int):
+    """A deterministic picture (colour gradients and a disc) for image-conditioned runs."""
+    from PIL import Image
+
+    y, x = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    disc = (((x - 0.5) ** 2 + (y - 0.5) ** 2) < 0.05).float()
+    rgb = torch.stack([x, y, 0.5 * (1 - x) + 0.5 * disc], dim=-1)
+    return Image.fromarray((rgb * 255).round().to(torch.uint8).numpy())
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+@dataclasses.dataclass
+class Job:
+    folder: Path
+    family: Family
+    device: torch.device
+    height: int
+    width: int
+    frames: int
+    steps: int
+    guidance: float
+    seeds: list[int]
+    negative: str
+
+    def latents(self, seed: int) -> torch.Tensor:
+        shape = self.family.latent_shape(self.height, self.width, self.frames)
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+    def common(self) -> dict:
+        kw = dict(height=self.height, width=self.width, num_frames=self.frames, guidance_scale=self.guidance)
+        if self.family.image:
+            kw["image"] = test_image(self.height, self.width)
+        return kw
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def diffusers_pipe(job: Job, name: str):
+    import diffusers
+
+    fp32 = name == "ref" or job.device.type != "cuda"
+    dtype = torch.float32 if fp32 else torch.bfloat16
+    cls = getattr(diffusers, job.family.pipeline)
+    vae = diffusers.AutoencoderKLWan.from_pretrained(job.folder / "vae", torch_dtype=torch.float32)
+    pipe = cls.from_pretrained(job.folder, vae=vae, torch_dtype=dtype).to(job.device)
+    pipe.set_progress_bar_config(disable=True)
+    if name == "diffusers-fp8":
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        bf16 = lambda m, fqn: isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.bfloat16  # noqa: E731
+        quantize_(pipe.transformer, config, filter_fn=bf16)  # not the fp32-kept time embedder
+    if name in ("diffusers-compile", "diffusers-fp8"):
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    if name == "cache-dit":
+        import cache_dit
+
+        cache_dit.enable_cache(pipe)
+
+    def generate(latents: torch.Tensor, steps: int) -> torch.Tensor:
+        out = pipe(
+            prompt=PROMPT,
+            negative_prompt=job.negative,
+            latents=latents.to(job.device),
+            num_inference_steps=steps,
+            output_type="pt",
+            **job.common(),
+        ).frames  # [B, T, C, H, W] in [0, 1]
+        return out[0].permute(0, 2, 3, 1).float().cpu()
+
+    return pipe, generate
+
+
+DIT_RT_RUNS = {
+    "exact": dict(attention="fa3"),
+    "exact-graphs": dict(attention="fa3", compile=True, cuda_graphs=True),
+    "fast": dict(linear="fp8-per-tensor", attention="fa3-fp8", compile=True, cuda_graphs=True),
+}
+
+
+def dit_rt_pipe(job: Job, name: str):
+    import dit_rt
+
+    opts = dict(DIT_RT_RUNS[name])
+    if job.device.type != "cuda":  # the CPU smoke test: the same path with what runs there
+        opts = dict(attention="sdpa", dtype=torch.float32)
+    pipe = dit_rt.load(str(job.folder), device=job.device, **opts)
+
+    def generate(latents: torch.Tensor, steps: int) -> torch.Tensor:
+        out = pipe.generate(
+            PROMPT,
+            job.negative,
+            latents=latents,
+            num_inference_steps=steps,
+            progress_bar=False,
+            **job.common(),
+        )
+        return out.frames[0]
+
+    return pipe, generate
+
+
+RUNS = {
+    "ref": diffusers_pipe,
+    "diffusers": diffusers_pipe,
+    "diffusers-compile": diffusers_pipe,
+    "diffusers-fp8": diffusers_pipe,
+    "cache-dit": diffusers_pipe,
+    **{name: dit_rt_pipe for name in DIT_RT_RUNS},
+}
+
+
+def run(job: Job, name: str, results: Path) -> dict:
+    """Load, warm up, time one generate per seed; store the frames of each seed beside the result."""
+    # float32 means float32 in the reference (no TF32 in matmuls or convolutions); the others keep
+    # PyTorch's defaults, as a user has them.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = name != "ref"
+    _release(job.device)
+    _sync(job.device)
+    t0 = time.perf_counter()
+    pipe, generate = RUNS[name](job, name)
+    _sync(job.device)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if name != "ref":  # compile / capture / lazy setup; the reference is not timed against anything
+        generate(job.latents(job.seeds[0] + 1000), min(2, job.steps))
+    _sync(job.device)
+    warmup_s = time.perf_counter() - t0
+    times = []
+    for seed in job.seeds:
+        latents = job.latents(seed)
+        _sync(job.device)
+        t0 = time.perf_counter()
+        frames = generate(latents, job.steps)
+        _sync(job.device)
+        times.append(time.perf_counter() - t0)
+        torch.save(frames.contiguous(), results / f"{name}.seed{seed}.pt")
+    peak = torch.cuda.max_memory_allocated(job.device) / 2**30 if job.device.type == "cuda" else None
+    record = dict(
+        run=name,
+        load_s=load_s,
+        warmup_s=warmup_s,
+        times_s=times,
+        median_s=statistics.median(times),
+        peak_gib=peak,
+        seeds=job.seeds,
+    )
+    (results / f"{name}.json").write_text(json.dumps(record, indent=1))
+    del pipe, generate
+    _release(job.device)
+    print(f"{name}: load {load_s:.1f} s, warm-up {warmup_s:.1f} s, generate {record['median_s']:.2f} s")
+    return record
+
+
+def frame_errors(frames: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(relative L2, PSNR in dB) of frames in [0, 1] against the reference's."""
+    diff = frames.double() - ref.double()
+    mse = diff.pow(2).mean().item()
+    psnr = math.inf if mse == 0 else 10 * math.log10(1 / mse)
+    return (diff.norm() / ref.double().norm()).item(), psnr
+
+
+def table(results: Path, order: list[str]) -> list[dict]:
+    """Every stored run with its errors against `ref`, seed by seed averaged; printed as a table."""
+    rows = []
+    records = {p.stem: json.loads(p.read_text()) for p in results.glob("*.json")}
+    base = records.get("diffusers")
+    for name in sorted(records, key=lambda n: order.index(n) if n in order else len(order)):
+        r = records[name]
+        errs = []
+        for seed in r["seeds"]:
+            ref, mine = results / f"ref.seed{seed}.pt", results / f"{name}.seed{seed}.pt"
+            if name != "ref" and ref.is_file() and mine.is_file():
+                errs.append(frame_errors(torch.load(mine), torch.load(ref)))
+        r["rel_l2"] = statistics.mean(e[0] for e in errs) if errs else None
+        r["rel_l2_per_seed"] = [e[0] for e in errs]
+        r["psnr_db"] = statistics.mean(e[1] for e in errs) if errs else None
+        r["speedup_vs_diffusers"] = base["median_s"] / r["median_s"] if base else None
+        rows.append(r)
+    head = ("run", "load s", "generate s", "vs diffusers", "rel L2 vs fp32", "PSNR dB")
+    print("\n{:18} {:>7} {:>10} {:>12} {:>15} {:>8}".format(*head))
+    for r in rows:
+        speed = f"{r['speedup_vs_diffusers']:.2f}x" if r["speedup_vs_diffusers"] else "-"
+        err = f"{r['rel_l2']:.3e}" if r["rel_l2"] is not None else "-"
+        psnr = f"{r['psnr_db']:.2f}" if r["psnr_db"] is not None else "-"
+        print(f"{r['run']:18} {r['load_s']:7.1f} {r['median_s']:10.2f} {speed:>12} {err:>15} {psnr:>8}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- diagnose
+
+
+def diagnose(job: Job) -> dict:
+    """Error against float32 of each component's bf16 output, dit_rt and diffusers, on identical inputs:
+    text encoder (the prompt), one transformer forward (first timestep, the seed's latents, the fp32 text
+    embedding), VAE decode (those latents)."""
+    import diffusers
+
+    import dit_rt
+
+    def rel(a, b):
+        a, b = a.double().cpu(), b.double().cpu()
+        return ((a - b).norm() / b.norm()).item()
+
+    out = {}
+    cls = getattr(diffusers, job.family.pipeline)
+    latents = job.latents(job.seeds[0]).to(job.device)
+    t = torch.tensor([999.0], device=job.device)
+    x = latents
+    if job.family.image:  # mask + condition channels
+        x = torch.cat([latents, latents.new_zeros(1, 20, *latents.shape[2:])], 1)
+    prompts = dict(prompt=PROMPT, negative=job.negative)
+    encode = dict(do_classifier_free_guidance=False, max_sequence_length=512, device=job.device)
+
+    def reference(dtype, cond=None):
+        """Text embeddings, one transformer forward and a decode by diffusers loaded in `dtype`."""
+        pipe = cls.from_pretrained(job.folder, torch_dtype=dtype).to(job.device)
+        emb = {k: pipe.encode_prompt(p, **encode)[0] for k, p in prompts.items()}
+        extra = {}
+        if job.family.image:
+            g = torch.Generator().manual_seed(0)
+            image = torch.randn(1, 257, pipe.transformer.config.image_dim, generator=g)
+            extra["encoder_hidden_states_image"] = image.to(job.device, dtype)
+        c = pipe.vae.config
+        mean = torch.tensor(c.latents_mean, device=job.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(c.latents_std, device=job.device).view(1, -1, 1, 1, 1)
+        with torch.no_grad():
+            cond = (emb["prompt"] if cond is None else cond).to(dtype)  # the float32 embedding for both
+            noise = pipe.transformer(x.to(dtype), t, cond, return_dict=False, **extra)[0]
+            video = pipe.vae.decode((latents * std + mean).to(dtype), return_dict=False)[0]
+        del pipe
+        _release(job.device)
+        return emb, noise, video, extra
+
+    emb32, noise32, video32, extra32 = reference(torch.float32)
+    emb16, noise16, video16, _ = reference(torch.bfloat16, emb32["prompt"])
+    for k in prompts:
+        out[f"text encoder ({k}): diffusers bf16"] = rel(emb16[k], emb32[k])
+    out["transformer: diffusers bf16"] = rel(noise16, noise32)
+    out["vae decode: diffusers bf16"] = rel(video16, video32)
+
+    attention = "fa3" if job.device.type == "cuda" else "sdpa"
+    pipe = dit_rt.load(str(job.folder), device=job.device, dtype=torch.bfloat16, attention=attention)
+    with torch.no_grad():
+        for k, p in prompts.items():
+            out[f"text encoder ({k}): dit_rt bf16"] = rel(pipe.encode_prompt([p]), emb32[k])
+        image = extra32.get("encoder_hidden_states_image")
+        image = None if image is None else image.bfloat16()
+        noise = pipe.transformers[0](x.bfloat16(), t, emb32["prompt"].bfloat16(), image)
+        out["transformer: dit_rt bf16"] = rel(noise, noise32)
+        video = pipe.vae.decode(pipe.vae.denormalize_latents(latents.bfloat16()))
+        out["vae decode: dit_rt bf16"] = rel(video, video32)
+    print("\nerror against float32, same inputs:")
+    for k, v in out.items():
+        print(f"  {k:40} {v:.3e}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="wan2.1-t2v-1.3b", help="catalog alias (its real configuration)")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--seeds", default="0,1,2", help="latent seeds; errors are averaged over them")
+    ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated run names (see above)")
+    ap.add_argument("--height", type=int)
+    ap.add_argument("--width", type=int)
+    ap.add_argument("--frames", type=int)
+    ap.add_argument("--guidance", type=float)
+    ap.add_argument("--workdir", default="/tmp/dit_rt_e2e", help="checkpoint and per-run results")
+    ap.add_argument("--out", help="write the table as JSON here")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="tiny configurations (CPU smoke test)")
+    ap.add_argument("--diagnose", action="store_true", help="per-component bf16 error against float32")
+    a = ap.parse_args(argv)
+
+    from dit_rt.catalog import lookup
+
+    family = family_of(a.model)
+    names = [n for n in a.runs.split(",") if n]
+    unknown = sorted(set(names) - set(RUNS))
+    if unknown:
+        raise SystemExit(f"--runs: unknown {unknown}; known: {', '.join(RUNS)}")
+    d = lookup(a.model).defaults
+    device = torch.device(a.device)
+    work = Path(a.workdir) / (a.model + ("-tiny" if a.tiny else ""))
+    folder, results = work / "checkpoint", work / f"results-{a.steps}steps"
+    results.mkdir(parents=True, exist_ok=True)
+    if not (folder / "model_index.json").is_file():
+        t0 = time.perf_counter()
+        family.build(folder, a.model, a.tiny, device)
+        _release(device)
+        print(f"checkpoint written in {time.perf_counter() - t0:.1f} s: {folder}")
+    job = Job(
+        folder,
+        family,
+        device,
+        a.height or (64 if a.tiny else d.height),
+        a.width or (96 if a.tiny else d.width),
+        a.frames or (9 if a.tiny else d.num_frames),
+        a.steps,
+        d.guidance_scale if a.guidance is None else a.guidance,
+        [int(s) for s in a.seeds.split(",")],
+        d.negative_prompt,
+    )
+    if device.type == "cuda":  # the CUDA context and library handles: process start-up, not loading
+        torch.ones(64, 64, device=device) @ torch.ones(64, 64, device=device)
+        _sync(device)
+    for name in names:
+        run(job, name, results)
+    diag = diagnose(job) if a.diagnose else None
+    rows = table(results, list(RUNS))
+    if a.out:
+        env = dict(
+            model=a.model,
+            steps=a.steps,
+            size=[job.height, job.width, job.frames],
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            torch=torch.__version__,
+            date=time.strftime("%Y-%m-%d"),
+        )
+        Path(a.out).write_text(json.dumps(dict(env=env, runs=rows, diagnose=diag), indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
