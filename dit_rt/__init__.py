@@ -9,12 +9,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-# Pipeline classes by the `_class_name` of model_index.json; anything else is reported as unsupported.
-_PIPELINES = {
-    "WanPipeline": ("dit_rt.pipelines.wan", "WanPipeline"),
-    "WanImageToVideoPipeline": ("dit_rt.pipelines.wan", "WanPipeline"),
-}
-
 
 def list_models():
     """Every catalog entry (alias, Hub repo, family, task, defaults, implemented)."""
@@ -29,10 +23,9 @@ def load(model: str, *, revision: str | None = None, **options):
     Runtime options (`device`, `dtype`, `attention`, `linear`, `vae_dtype`, `parallel`, `cache`, `offload`,
     `compile`, `cuda_graphs`) are validated before any file is read; see README.md for each.
     """
-    import importlib
-
     from dit_rt import loaders
     from dit_rt.catalog import lookup
+    from dit_rt.pipeline import find_pipeline, pipeline_names
     from dit_rt.runtime import RuntimeOptions
 
     opts = RuntimeOptions.create(**options)
@@ -52,9 +45,9 @@ def load(model: str, *, revision: str | None = None, **options):
     folder = loaders.resolve(entry.repo if entry else model, revision=revision or (entry and entry.revision))
     index = loaders.read_model_index(folder)
     name = index.get("_class_name")
-    if name not in _PIPELINES:
+    cls = find_pipeline(name)  # the family pipeline registered for it (dit_rt.pipeline.register_pipeline)
+    if cls is None:
         raise NotImplementedError(
-            f"{folder}: pipeline {name!r} is not supported yet; supported: {', '.join(sorted(_PIPELINES))}"
+            f"{folder}: pipeline {name!r} is not supported yet; supported: {', '.join(pipeline_names())}"
         )
-    module, cls = _PIPELINES[name]
-    return getattr(importlib.import_module(module), cls)(folder, index, opts, entry)
+    return cls(folder, index, opts, entry)

@@ -9,7 +9,6 @@ downloaded, and no file is left behind.
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import tempfile
@@ -171,17 +170,18 @@ def check_output_path(path: str | os.PathLike) -> Path:
 
 
 def folder_constraints(folder: str | os.PathLike) -> Constraints:
-    """A Hub-layout folder's constraints from model_index.json and its pipeline's config files (each pipeline
-    module's `constraints(folder, index)`); unknown for a pipeline dit_rt does not run (`load` says so)."""
-    from dit_rt import _PIPELINES
+    """A Hub-layout folder's constraints from model_index.json and its pipeline's config files (its pipeline
+    class's `folder_constraints(folder, index)`); unknown for a pipeline dit_rt does not run (`load` says
+    so)."""
     from dit_rt.loaders import read_model_index
+    from dit_rt.pipeline import find_pipeline
 
     folder = Path(folder)
     index = read_model_index(folder)
-    spec = _PIPELINES.get(index.get("_class_name"))
-    if spec is None:
+    cls = find_pipeline(index.get("_class_name"))
+    if cls is None:
         return Constraints()
-    return importlib.import_module(spec[0]).constraints(folder, index)
+    return cls.folder_constraints(folder, index)
 
 
 def _cached_snapshot(repo: str, revision: str | None) -> Path | None:

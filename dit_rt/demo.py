@@ -4,6 +4,10 @@ It is built with dit_rt's own modules and saved in the Hub Diffusers layout (the
 as a real snapshot), so `dit-rt demo` exercises the whole load -> generate -> save path with no download.
 The weights are random: the output is noise. The safetensors files are written here rather than with
 `safetensors.torch.save_file`, which needs numpy, an optional package a core install lacks.
+
+The writer is generic and the one place for tiny checkpoints: `write_checkpoint` (any components, Hub
+layout), `randomize` and `tokenizer_json`, which the tests' diffusers-built reference checkpoints use too
+(`tests/tiny_checkpoints.py`). Another demo model changes `write_tiny_wan`'s components only.
 """
 
 from __future__ import annotations
@@ -147,27 +151,53 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
             f.write(blob)
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+def randomize(module: torch.nn.Module, seed: int, std: float = 0.2, norm_std: float = 0.1) -> torch.nn.Module:
+    """Give every parameter of `module` non-trivial random values (zero-initialised gates and biases would
+    hide bugs): 1-D norm scales (names holding "norm" or ending in "gamma") 1 + N(0, norm_std), everything
+    else N(0, std), drawn in parameter order from one seeded generator. The tests' reference models too."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
-                p.copy_(1 + 0.05 * torch.randn(p.shape, generator=g))
+        for name, p in module.named_parameters():
+            if p.ndim == 1 and ("norm" in name or name.endswith("gamma")):
+                p.copy_(1.0 + norm_std * torch.randn(p.shape, generator=g))
             else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return model
+                p.copy_(std * torch.randn(p.shape, generator=g))
+    return module
 
 
-def _tokenizer_json() -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+def tokenizer_json(words: tuple[str, ...] = ()) -> str:
+    """A small SentencePiece-style Unigram tokenizer as `tokenizer.json` text (T5 conventions: pad 0, eos 1,
+    unk 2, `</s>` appended): the special pieces, "▁" + each of `words`, then single characters."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    pieces = ["<pad>", "</s>", "<unk>", "▁"] + list(string.ascii_letters + string.digits + string.punctuation)
+    pieces = ["<pad>", "</s>", "<unk>", "▁"] + ["▁" + w for w in words]
+    pieces += list(string.ascii_letters + string.digits + string.punctuation)
     vocab = [(p, 0.0 if i < 3 else -1.0 - 0.01 * i) for i, p in enumerate(pieces)]
     tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.Replace("  ", " ")])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     return tok.to_str()
+
+
+def write_checkpoint(folder: Path, index: dict, components: dict[str, dict[str, object]]) -> Path:
+    """Write a checkpoint in the Hub Diffusers layout into `folder`: `model_index.json` (`index`) and one
+    subfolder per component holding its files, by file name: an nn.Module as safetensors of its
+    `checkpoint_state`, a dict as JSON, a str as text. Returns folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, files in components.items():
+        (folder / name).mkdir(exist_ok=True)
+        for file, content in files.items():
+            path = folder / name / file
+            if isinstance(content, torch.nn.Module):
+                save_safetensors(checkpoint_state(content), path)
+            elif isinstance(content, dict):
+                path.write_text(json.dumps(content, indent=2))
+            else:
+                path.write_text(content)
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
 
 
 def write_tiny_wan(folder: Path, seed: int = 0) -> Path:
@@ -175,37 +205,19 @@ def write_tiny_wan(folder: Path, seed: int = 0) -> Path:
     from dit_rt.models.text import UMT5Config, UMT5Encoder
     from dit_rt.models.wan import WanTransformer, WanTransformerConfig, WanVAE, WanVAEConfig
 
-    components = {
-        "transformer": (
-            WanTransformer(WanTransformerConfig.from_config(TRANSFORMER)),
-            TRANSFORMER,
-            "diffusion_pytorch_model.safetensors",
-            "config.json",
-        ),
-        "vae": (
-            WanVAE(WanVAEConfig.from_config(VAE)),
-            VAE,
-            "diffusion_pytorch_model.safetensors",
-            "config.json",
-        ),
-        "text_encoder": (
-            UMT5Encoder(UMT5Config.from_config(TEXT_ENCODER)),
-            TEXT_ENCODER,
-            "model.safetensors",
-            "config.json",
-        ),
+    models = {
+        "transformer": (WanTransformer(WanTransformerConfig.from_config(TRANSFORMER)), TRANSFORMER),
+        "vae": (WanVAE(WanVAEConfig.from_config(VAE)), VAE),
+        "text_encoder": (UMT5Encoder(UMT5Config.from_config(TEXT_ENCODER)), TEXT_ENCODER),
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, (name, (model, config, weights, config_name)) in enumerate(components.items()):
-        (folder / name).mkdir(exist_ok=True)
-        save_safetensors(checkpoint_state(_randomize(model, seed + i)), folder / name / weights)
-        (folder / name / config_name).write_text(json.dumps(config, indent=2))
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
-    (folder / "tokenizer").mkdir(exist_ok=True)
-    (folder / "tokenizer" / "tokenizer.json").write_text(_tokenizer_json())
-    (folder / "model_index.json").write_text(json.dumps(INDEX, indent=2))
-    return folder
+    components: dict[str, dict[str, object]] = {}
+    for i, (name, (model, config)) in enumerate(models.items()):
+        weights = "model.safetensors" if name == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        model = randomize(model, seed + i, std=0.05, norm_std=0.05)
+        components[name] = {weights: model, "config.json": config}
+    components["scheduler"] = {"scheduler_config.json": SCHEDULER}
+    components["tokenizer"] = {"tokenizer.json": tokenizer_json()}
+    return write_checkpoint(folder, INDEX, components)
 
 
 def tiny_wan_folder() -> Path:

@@ -4,21 +4,23 @@ A diffusion run calls the same stack of blocks with the same shapes at every ste
 (hundreds of kernels per block) can be recorded once and replayed with one launch. `apply_cuda_graphs(model)`
 records at two levels, one StackGraphs serving both:
 
-- the whole forward (embedders, block stack, head) when nothing in it has to run in eager code: no step
-  cache and no block hooks on the runner (checked at every call). The embedders' and the head's few dozen
-  small kernels then cost no host time either (at Wan 1.3B the host spent ~1 ms launching them while the
-  GPU idled, plus ~0.5 ms in the stack's checks). Tensors a module caches in plain attributes (Wan's RoPE
-  table) are held by the graph that read them, so a replaced cache entry is never freed under it;
-- otherwise the BlockRunner's seam: every `runner.run(...)` call (the full stack, or the ranges a step
-  cache asks for) goes through it.
+- the whole forward (embedders, block stacks, head) when nothing in it has to run in eager code: no step
+  cache and no block hooks on any stack's runner (checked at every call). The embedders' and the head's
+  few dozen small kernels then cost no host time either (at Wan 1.3B the host spent ~1 ms launching them
+  while the GPU idled, plus ~0.5 ms in the stack's checks). Tensors a module caches in plain attributes
+  (Wan's RoPE table) are held by the graph that read them, so a replaced cache entry is never freed under
+  it. The whole forward is entered through the model's `forward_seam` (dit_rt.runner), not a patched
+  `forward`; a model without one gets the stack graphs only;
+- otherwise the BlockRunners' seam: every `runner.run(...)` call (a full stack, or the ranges a step
+  cache asks for) of every declared stack goes through it; the carry may be a tuple of tensors.
 
 For both:
 
-- the key is ("forward" or the (start, stop) range, the tree structure of the inputs, and each leaf: a
-  tensor's shape, dtype, device and strides, or a plain value); a new key captures a new graph (a new
-  resolution, a CFG batch);
-- inputs are copied into the graph's static buffers before each replay, and the output is returned as a
-  fresh copy, so two calls (the two CFG branches) never alias;
+- the key is ("forward", or the (start, stop) range and the stack's name; the tree structure of the
+  inputs; and each leaf: a tensor's shape, dtype, device and strides, or a plain value); a new key
+  captures a new graph (a new resolution, a CFG batch);
+- inputs are copied into the graph's static buffers before each replay, and the output (every tensor of
+  a tuple carry) is returned as a fresh copy, so two calls (the two CFG branches) never alias;
 - the weights' addresses (the blocks', or the whole model's) are recorded at capture and checked before
   each replay: weights that moved (a parked Wan 2.2 expert brought back) make that graph be captured again
   instead of reading freed memory;
@@ -55,11 +57,12 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from dit_rt.runner import BlockRunner, runner_and_blocks
+from dit_rt.contract import block_stacks
+from dit_rt.runner import BlockRunner, stack_runners
 
 # (fn, warm_up) -> (replay, output): records fn once (after one eager run of it when warm_up); replay()
-# re-runs the recording, rewriting `output` in place.
-Capture = Callable[[Callable[[], torch.Tensor], bool], tuple[Callable[[], None], torch.Tensor]]
+# re-runs the recording, rewriting `output` (a tensor or a tuple of tensors) in place.
+Capture = Callable[[Callable[[], object], bool], tuple[Callable[[], None], object]]
 
 # One CUDA graph memory pool per device, shared by the graphs of every model (two Wan 2.2 experts): graphs
 # never run concurrently. Weakly held: the pool is released once no StackGraphs uses it.
@@ -107,7 +110,7 @@ def _signature(leaf) -> tuple:
 class _Graph:
     inputs: list[torch.Tensor]  # static buffers, in leaf order
     replay: Callable[[], None]
-    output: torch.Tensor
+    output: object  # a tensor or a tuple of tensors (a stack's carry)
     weights: list[torch.Tensor]
     addresses: list[int]  # the weights' data_ptr at capture
     held: list[torch.Tensor]  # module-cached tensors the recording reads (kept alive)
@@ -129,42 +132,43 @@ def _cached_tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
 
 
 class StackGraphs:
-    """The runner's graph cache: `run` has `BlockRunner.run`'s signature and result."""
+    """The runners' graph cache: `run` has `BlockRunner.run`'s signature and result. names: id of each
+    stack's ModuleList -> the stack's name (part of the key)."""
 
-    def __init__(self, capture: Capture | None = None):
+    def __init__(self, capture: Capture | None = None, names: dict[int, str] | None = None):
         self.capture = capture or CudaRecorder()
+        self.names = names or {}
         self.graphs: dict[tuple, _Graph] = {}
         self.captures = 0  # how many graphs were recorded (recaptures included)
         self.replays = 0
         self._in_forward = False  # recording a whole forward: its runner runs the plain loop inside
 
-    def run(self, runner: BlockRunner, blocks: nn.ModuleList, x, args, kwargs, start, stop) -> torch.Tensor:
+    def run(self, runner: BlockRunner, blocks: nn.ModuleList, x, args, kwargs, start, stop):
         if self._in_forward:
             return runner.loop(blocks, x, args, kwargs, start, stop)
         stop_ = len(blocks) if stop is None else stop
+        name = self.names.get(id(blocks), id(blocks))
         out = self._replay(
-            (start, stop), (x, args, kwargs), list(blocks[start:stop_]),
+            (start, stop, name), (x, args, kwargs), list(blocks[start:stop_]),
             lambda sx, sargs, skwargs: runner.loop(blocks, sx, sargs, skwargs, start, stop),
         )  # fmt: skip
         return runner.loop(blocks, x, args, kwargs, start, stop) if out is None else out
 
-    def forward(self, model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-        """model's forward on (args, kwargs): one replay of the whole forward when no step cache or block
-        hook has to run in it, else the plain forward (whose block stack goes through `run`)."""
-        plain = type(model).forward
-        runner = model.runner
-        if runner.stack_hook is not None or runner.block_hooks:
-            return plain(model, *args, **kwargs)
+    def forward(self, model: nn.Module, plain: Callable, args: tuple, kwargs: dict):
+        """model's forward `plain` on (args, kwargs): one replay of the whole forward when no step cache or
+        block hook has to run in it, else the plain forward (whose block stacks go through `run`)."""
+        if any(r.stack_hook is not None or r.block_hooks for r in stack_runners(model)):
+            return plain(*args, **kwargs)
 
         def record(sargs, skwargs):
             self._in_forward = True
             try:
-                return plain(model, *sargs, **skwargs)
+                return plain(*sargs, **skwargs)
             finally:
                 self._in_forward = False
 
         out = self._replay(("forward",), (args, kwargs), [model], record, hold=True)
-        return plain(model, *args, **kwargs) if out is None else out
+        return plain(*args, **kwargs) if out is None else out
 
     def _replay(self, head: tuple, tree, modules: list[nn.Module], fn, hold: bool = False):
         """Replay (recording first if needed) fn over the leaves of `tree`; None where no graph applies."""
@@ -185,7 +189,7 @@ class StackGraphs:
             buf.copy_(t)
         graph.replay()
         self.replays += 1
-        return graph.output.clone()
+        return pytree.tree_map(torch.Tensor.clone, graph.output)
 
     def _record(self, leaves, spec, modules, fn, hold, warm_up: bool) -> _Graph:
         static = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
@@ -198,7 +202,8 @@ class StackGraphs:
 
 
 def apply_cuda_graphs(model: nn.Module, capture: Capture | None = None) -> StackGraphs:
-    """Replay `model`'s block stack from CUDA graphs (captured per input signature at first use).
+    """Replay `model`'s block stacks (and its whole forward, through its `forward_seam`) from CUDA graphs,
+    captured per input signature at first use.
 
     Refused with block offload (its weight copies run between blocks) and with FSDP (its all-gathers put
     the weights at new addresses at every forward); `capture` replaces the CUDA recorder (tests use a
@@ -208,23 +213,22 @@ def apply_cuda_graphs(model: nn.Module, capture: Capture | None = None) -> Stack
 
     from dit_rt.offload import BlockOffload
 
-    runner, blocks = runner_and_blocks(model)
-    if any(isinstance(h, BlockOffload) for h in runner.block_hooks):
+    stacks = block_stacks(model)
+    runners = stack_runners(model)
+    if any(isinstance(h, BlockOffload) for r in runners for h in r.block_hooks):
         raise ValueError("CUDA graphs cannot be combined with offload='block' (weights move between blocks)")
-    if any(isinstance(m, FSDPModule) for m in (model, *blocks)):
+    if any(isinstance(m, FSDPModule) for m in (model, *(b for s in stacks for b in s.blocks))):
         raise ValueError(
             "CUDA graphs cannot be combined with FSDP (it re-gathers the weights at every forward)"
         )
-    graphs = runner.graphs = StackGraphs(capture)
-
-    def graphed_forward(*args, **kwargs):
-        return graphs.forward(model, args, kwargs)
-
-    model.forward = graphed_forward  # an instance attribute: nn.Module.__call__ finds it first
+    graphs = StackGraphs(capture, {id(s.blocks): s.name for s in stacks})
+    for r in runners:
+        r.graphs = graphs
+    model.forward_wrapper = lambda plain, args, kwargs: graphs.forward(model, plain, args, kwargs)
     return graphs
 
 
 def remove_cuda_graphs(model: nn.Module) -> None:
-    runner, _ = runner_and_blocks(model)
-    runner.graphs = None
-    model.__dict__.pop("forward", None)
+    for r in stack_runners(model):
+        r.graphs = None
+    model.__dict__.pop("forward_wrapper", None)

@@ -1,12 +1,13 @@
 """CPU offload: transformer blocks streamed through a fixed pool of device buffers, components on demand.
 
 `offload="block"`: every tensor (parameters and buffers, so quantized formats' `qweight`/`weight_scale`
-too) of each transformer block is packed into one flat pinned host buffer. A pool of `buffers` flat device
-slots, each the size of the largest block, holds the blocks being used; while block i computes on the
-compute stream, the next blocks are copied host -> slot on a side stream (one memcpy per block). Events
-order it: a slot is overwritten only after the compute stream has finished the block that last used it
-(`free` event), and a block runs only after its copy has landed (`ready` event). The first `resident`
-blocks stay on the device for good; the non-block parts of the transformer (embedders, head) too.
+too) of each transformer block (of every declared stack, in run order: `dit_rt.contract`) is packed into
+one flat pinned host buffer. A pool of `buffers` flat device slots, each the size of the largest block,
+holds the blocks being used; while block i computes on the compute stream, the next blocks are copied
+host -> slot on a side stream (one memcpy per block). Events order it: a slot is overwritten only after
+the compute stream has finished the block that last used it (`free` event), and a block runs only after
+its copy has landed (`ready` event). The first `resident` blocks stay on the device for good; the
+non-block parts of the transformer (embedders, head) too.
 
 `offload="model"`: whole components (text encoder, VAE, the transformer) live packed in pinned host
 memory and move to the device only inside `use(...)`.
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dit_rt.runner import runner_and_blocks
+from dit_rt.contract import block_stacks
+from dit_rt.runner import stack_runners
 
 ALIGN = 256  # byte alignment of every tensor in a packed buffer (any dtype view; aligned GEMM operands)
 OFFLOAD_MODES = ("block", "model")
@@ -121,6 +123,8 @@ class _Slot:
 class BlockOffload:
     """The runner block hook streaming `blocks` through `buffers` device slots (see the module docstring).
 
+    blocks: one ModuleList, or the stacks of a model in run order; their blocks are numbered in that order
+    (block i of the second stack is len(first) + i), which is also the prefetch order, across stacks.
     resident: the first `resident` blocks are moved to the device once and never evicted.
     buffers: device slots for the other blocks (>= 1); with buffers = k, up to k - 1 blocks are prefetched
     ahead of the one computing. `copies` counts host -> device block copies; `log` (when a list) records
@@ -129,7 +133,7 @@ class BlockOffload:
 
     def __init__(
         self,
-        blocks: nn.ModuleList,
+        blocks: nn.ModuleList | list[nn.ModuleList],
         device: torch.device | str,
         *,
         resident: int = 0,
@@ -139,13 +143,19 @@ class BlockOffload:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        stacks = [blocks] if isinstance(blocks, nn.ModuleList) else list(blocks)
+        self.offsets: dict[int, int] = {}  # id(stack) -> run-order number of its first block
+        blocks = []
+        for stack in stacks:
+            self.offsets[id(stack)] = len(blocks)
+            blocks += list(stack)
         if not 0 <= resident <= len(blocks):
             raise ValueError(
                 f"resident={resident} must be between 0 and the number of blocks ({len(blocks)})"
             )
         if buffers < 1:
             raise ValueError(f"buffers={buffers}: need at least one device buffer for streamed blocks")
-        self.blocks, self.device, self.resident = blocks, device, resident
+        self.stacks, self.device, self.resident = stacks, device, resident
         self.cuda = device.type == "cuda"
         pin = self.cuda if pin is None else pin
         for b in list(blocks)[:resident]:
@@ -206,8 +216,14 @@ class BlockOffload:
         n = len(self.streamed)
         return [self.streamed[(k + d) % n] for d in range(1, min(len(self.slots), n))]
 
+    def _number(self, blocks: nn.ModuleList, i: int) -> int | None:
+        """The run-order number of block i of `blocks`, None for a list this hook does not stream."""
+        offset = self.offsets.get(id(blocks))
+        return None if offset is None else offset + i
+
     def before_block(self, blocks: nn.ModuleList, i: int) -> None:
-        if blocks is not self.blocks or i not in self.packed:
+        i = self._number(blocks, i)
+        if i not in self.packed:
             return
         self.clock += 1
         slot = self._load(i, protected=set())
@@ -222,7 +238,8 @@ class BlockOffload:
             protected.add(j)
 
     def after_block(self, blocks: nn.ModuleList, i: int) -> None:
-        if blocks is not self.blocks or i not in self.where:
+        i = self._number(blocks, i)
+        if i not in self.where:
             return
         self.where[i].free.record(self._compute_stream())
 
@@ -246,8 +263,9 @@ def apply_offload(
 ) -> BlockOffload | ComponentOffload:
     """Offload a loaded transformer (its weights may be on the host or already on the device).
 
-    "block": blocks stream through `buffers` device slots (`resident` first blocks stay), everything else
-    of the model moves to `device`; returns the runner's BlockOffload. "model": the whole model is packed
+    "block": the blocks of every stack stream through `buffers` device slots (`resident` first blocks
+    stay), everything else of the model moves to `device`; returns the BlockOffload, installed on each
+    stack's runner. "model": the whole model is packed
     in host memory; run it inside `offload.use(model)` of the returned ComponentOffload.
     """
     if mode not in OFFLOAD_MODES:
@@ -256,14 +274,15 @@ def apply_offload(
         offload = ComponentOffload(device, pin=pin)
         offload.add(model)
         return offload
-    runner, blocks = runner_and_blocks(model)
-    if any(isinstance(h, BlockOffload) for h in runner.block_hooks):
+    stacks = block_stacks(model)
+    runners = stack_runners(model)
+    if any(isinstance(h, BlockOffload) for r in runners for h in r.block_hooks):
         raise RuntimeError(f"{type(model).__name__} already has block offload")
-    if runner.graphs is not None:
+    if any(r.graphs is not None for r in runners):
         raise ValueError("offload='block' cannot be combined with CUDA graphs (weights move between blocks)")
-    hook = BlockOffload(blocks, device, resident=resident, buffers=buffers, pin=pin)
+    hook = BlockOffload([s.blocks for s in stacks], device, resident=resident, buffers=buffers, pin=pin)
     # The rest of the model (embedders, head, modulation tables) is small: it goes to the device for good.
-    block_ids = {id(t) for t in [*blocks.parameters(), *blocks.buffers()]}
+    block_ids = {id(t) for s in stacks for t in [*s.blocks.parameters(), *s.blocks.buffers()]}
     for m in model.modules():
         for table in (m._parameters, m._buffers):
             for name, t in table.items():
@@ -272,7 +291,8 @@ def apply_offload(
                         t.data = t.data.to(hook.device)
                     else:
                         table[name] = t.to(hook.device)
-    runner.block_hooks.append(hook)
+    for r in runners:
+        r.block_hooks.append(hook)
     return hook
 
 

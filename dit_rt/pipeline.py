@@ -1,10 +1,29 @@
-"""Pieces every pipeline shares: the output container, seeded noise, guidance, step-loop progress."""
+"""The shared denoising loop and what every pipeline shares: the pipeline registry, the request and output
+containers, seeded noise, the guidance formulas, step-loop progress.
+
+A family pipeline (dit_rt/pipelines/<family>.py) subclasses `Pipeline`, registers itself by the Hub
+`_class_name` of model_index.json with `@register_pipeline(...)`, and provides only what differs between
+families (see `Pipeline`). `Pipeline.denoise` owns the rest: data parallel split and gather, the seeded
+initial noise, CFG and CFG parallel, step-cache steps and branches, expert switching (offload and parked
+experts), progress, callback, decode and output.
+
+Under torchrun with `parallel=` (see dit_rt.parallel) the same loop runs on every rank: data parallel splits
+the prompt batch over the dp groups (the noise is drawn for the whole batch on every rank, then sliced, so
+each item sees the noise it would in one process); CFG parallel runs the conditional pass on cfg rank 0 and
+the unconditional one on rank 1 and exchanges the predictions; Ulysses / Ring run inside the transformer's
+attention (installed by RuntimeOptions). Every rank then steps the scheduler identically, the ranks of a
+dp group decode their items together, and every rank returns the whole batch.
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -82,6 +101,18 @@ def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tenso
     return uncond + scale * (cond - uncond)
 
 
+def guide_from_cond(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance as Cosmos applies it (on x0): cond + s * (cond - uncond), weight 1 + s."""
+    return cond + scale * (cond - uncond)
+
+
+GUIDANCE: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+    "from_uncond": guide,  # Wan, FLUX (true CFG)
+    "from_cond": guide_from_cond,  # Cosmos
+}
+"""The guidance formulas by name: a family pipeline names its own in `Pipeline.guidance`."""
+
+
 def progress(steps: Iterable, enabled: bool, desc: str = "denoising") -> Iterable:
     if not enabled:
         return steps
@@ -92,3 +123,235 @@ def progress(steps: Iterable, enabled: bool, desc: str = "denoising") -> Iterabl
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 """callback(step_index, timestep, latents) called after each denoising step."""
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+_PIPELINES: dict[str, type] = {}
+
+
+def register_pipeline(*class_names: str):
+    """Class decorator: the pipeline runs checkpoints whose model_index.json `_class_name` is one of these."""
+
+    def register(cls: type) -> type:
+        for name in class_names:
+            if _PIPELINES.get(name, cls) is not cls:
+                raise ValueError(
+                    f"pipeline {name!r} is registered twice ({_PIPELINES[name].__name__}, {cls})"
+                )
+            _PIPELINES[name] = cls
+        return cls
+
+    return register
+
+
+def _import_families() -> None:
+    """Import every module of dit_rt.pipelines once, so that their `register_pipeline` decorators run.
+    Done on the first look-up, not at `import dit_rt`: a family module may import its models."""
+    import dit_rt.pipelines as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+def find_pipeline(class_name: str | None) -> type | None:
+    """The pipeline class registered for a model_index.json `_class_name`, or None if dit_rt has none."""
+    if class_name not in _PIPELINES:
+        _import_families()
+    return _PIPELINES.get(class_name)
+
+
+def pipeline_names() -> list[str]:
+    """Every registered `_class_name`, sorted."""
+    _import_families()
+    return sorted(_PIPELINES)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Request:
+    """One generate() call after the family pipeline has applied its defaults and checked it.
+
+    prompts / negatives: the whole batch; negatives None runs no unconditional pass.
+    shape:     the whole batch's initial-noise shape (the reference pipeline's latent shape).
+    guidance:  the guidance scale of each expert; CFG runs when negatives are given and guidance[0] > 1
+               (as the references: the first expert's scale decides).
+    encode:    keyword arguments of `encode_prompt` (max_sequence_length, ...).
+    extra:     what only the family reads (image, sizes, scheduler options, ...).
+    """
+
+    prompts: list[str]
+    negatives: list[str] | None
+    shape: tuple[int, ...]
+    steps: int
+    guidance: tuple[float, ...]
+    metadata: dict
+    latents: torch.Tensor | None = None
+    seed: int | None = None
+    encode: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    fps: int = 16
+    output_type: str = "frames"
+    progress_bar: bool = True
+    callback: StepCallback | None = None
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.negatives is not None and self.guidance[0] > 1.0
+
+
+@dataclass
+class Conditioning:
+    """What one guidance branch's `predict` sees: its prompt encoding and what both branches share."""
+
+    prompt: Any  # encode_prompt's output for this branch's prompts (this dp group's part)
+    shared: Any = None  # prepare_latents' conditioning of both branches (image latents and tokens) or None
+
+
+class Pipeline:
+    """Base of the family pipelines: `denoise` is the shared loop; a family provides the hooks below.
+
+    Attributes a family sets: `options` (RuntimeOptions), `mesh`, `device`, `dtype`, `transformers` (the
+    denoisers, one per expert), `offload` (ComponentOffload), `park_experts` (whether the inactive expert
+    waits in host memory).
+
+    Hooks (each family's own):
+      check_inputs(...)                      before heavy work; the family's generate() calls it
+      encode_prompt(prompts, **encode)       -> a branch's prompt conditioning
+      prepare_latents(latents, request)      this dp group's noise (float32) -> (loop latents, shared cond)
+      make_scheduler(request)                -> a scheduler with `.timesteps` and `.step(pred, t, latents)`
+      predict(model, x, t, cond)             -> what guidance combines (velocity for Wan, x0 for Cosmos)
+      decode_latents(latents)                -> float32 frames (B, T, H, W, C) in [0, 1] on the device
+      expert_index(t)                        -> which of `transformers` runs at timestep t (default 0)
+    and `guidance`, the name of its formula in GUIDANCE.
+    """
+
+    guidance = "from_uncond"
+    park_experts = False
+
+    def expert_index(self, t: torch.Tensor) -> int:
+        return 0
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> float32 frames (B, T, H, W, C) in [0, 1] on the CPU.
+
+        Under parallel=, the ranks of a dp group decode together (dit_rt.parallel.vae); every rank of the
+        group must call this with the same latents.
+        """
+        return self.decode_latents(latents).cpu()
+
+    @torch.no_grad()
+    def denoise(self, r: Request) -> GenerationOutput:
+        """The shared loop: `r` (the whole batch) -> GenerationOutput with the whole batch on every rank."""
+        from dit_rt.cache import cache_branch, cache_reset, cache_stats, cache_step
+        from dit_rt.parallel import cfg_gather, cfg_select, gather_batch, split_batch
+
+        mesh, batch, do_cfg = self.mesh, len(r.prompts), r.do_cfg
+        dp_group, cfg_group = mesh.group("dp"), mesh.group("cfg")
+        cfg_parallel = mesh.size("cfg") == 2
+        if mesh.size("dp") > batch:
+            raise ValueError(
+                f"parallel dp={mesh.size('dp')} splits the prompt batch over {mesh.size('dp')} groups; "
+                f"pass at least {mesh.size('dp')} prompts or lower dp"
+            )
+        if cfg_parallel and not do_cfg:
+            raise ValueError(
+                "parallel cfg=2 runs the conditional and unconditional passes on different ranks, but "
+                f"guidance_scale={r.guidance[0]} <= 1 runs no unconditional pass; use guidance_scale > 1 or "
+                "cfg=1"
+            )
+        metadata = r.metadata
+        # Data parallel: this dp group's part of the batch (everything in one process).
+        prompts = split_batch(r.prompts, dp_group)
+        negatives = split_batch(r.negatives, dp_group) if do_cfg else None
+        uncond = None
+        if cfg_parallel:  # this rank's pass only: cond on cfg rank 0, uncond on cfg rank 1
+            cond = self.encode_prompt(cfg_select(prompts, negatives, cfg_group), **r.encode)
+        else:
+            cond = self.encode_prompt(prompts, **r.encode)
+            uncond = self.encode_prompt(negatives, **r.encode) if do_cfg else None
+
+        latents = r.latents
+        if latents is None:
+            # The whole batch's noise, identical on every rank (one shared seed), then this group's slice.
+            seed = shared_seed(r.seed, self.device)
+            metadata["seed"] = seed
+            latents = torch.randn(r.shape, generator=make_generator(seed, self.device), device=self.device)
+        latents = split_batch(latents.to(self.device, torch.float32), dp_group)
+        latents, shared = self.prepare_latents(latents, r)
+        cond = Conditioning(cond, shared)
+        uncond = Conditioning(uncond, shared)
+        scheduler = self.make_scheduler(r)
+        combine = GUIDANCE[self.guidance]
+
+        show = r.progress_bar and self.options.rank == 0
+        # Step caches keep one state per expert and per guidance branch; under cfg parallel each rank runs
+        # one branch.
+        first_branch = "uncond" if cfg_parallel and mesh.rank("cfg") == 1 else "cond"
+        cache_reset(self.transformers, r.steps)
+        # offload="model": the active expert's weights on the device, swapped at the boundary
+        with ExitStack() as on_device:
+            active = None
+            for i, t in enumerate(progress(scheduler.timesteps, show)):
+                expert, scale = self._expert(t, *r.guidance)
+                if expert is not active:
+                    on_device.close()
+                    on_device.enter_context(self.offload.use(expert))
+                    active = expert
+                cache_step(expert, i)
+                with cache_branch(expert, first_branch):
+                    pred = self.predict(expert, latents, t, cond)
+                if cfg_parallel:
+                    pred, pred_uncond = cfg_gather(pred, cfg_group)  # both ranks get both predictions
+                    pred = combine(pred_uncond, pred, scale)
+                elif do_cfg:
+                    with cache_branch(expert, "uncond"):
+                        pred = combine(self.predict(expert, latents, t, uncond), pred, scale)
+                latents = scheduler.step(pred, t, latents)
+                if r.callback is not None:
+                    r.callback(i, t, latents)  # under data parallel: this dp group's part of the batch
+        stats = cache_stats(self.transformers)
+
+        out = dict(fps=r.fps, stats=stats, seed=metadata.get("seed"), metadata=metadata)
+        if r.output_type == "latents":
+            return GenerationOutput(torch.empty(0), gather_batch(latents, dp_group, batch), **out)
+        frames = gather_batch(self.decode_latents(latents), dp_group, batch).cpu()
+        latents = gather_batch(latents, dp_group, batch)
+        return GenerationOutput(frames=frames, latents=latents, **out)
+
+    def _expert(self, t: torch.Tensor, *scales: float):
+        """(the expert that runs at timestep t, its guidance scale); a parked expert comes to the device."""
+        i = self.expert_index(t)
+        if self.park_experts:
+            self._make_resident(i)
+        return self.transformers[i], scales[min(i, len(scales) - 1)]
+
+    def _make_resident(self, i: int) -> None:
+        """Move expert i to the compute device and the others to host memory, if not already there."""
+        active = self.transformers[i]
+        if next(active.parameters()).device == self.device:
+            return
+        for parked in self.transformers:
+            if parked is not active:
+                parked.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        active.to(self.device)
+
+
+def shared_seed(seed: int | None, device: torch.device) -> int:
+    """The seed of the initial noise: `seed`, or when None one drawn at random, so that the output can report
+    it. With several processes rank 0 draws it for all: every rank must draw the same noise (each dp group
+    then takes its slice; sequence and cfg ranks need identical inputs)."""
+    import torch.distributed as dist
+
+    if seed is not None:
+        return seed
+    drawn = torch.randint(0, 2**32, (1,), generator=make_generator(None, torch.device("cpu")))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        drawn = drawn.to(device)
+        dist.broadcast(drawn, src=0)
+    return int(drawn.item())

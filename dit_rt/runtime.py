@@ -210,8 +210,9 @@ class RuntimeOptions:
 
                 cache.reduce = reduce
 
-    def shard(self, model: torch.nn.Module, blocks: str = "blocks") -> None:
-        """FSDP2 over all ranks: each of `model.<blocks>`, then the rest (a no-op in one process)."""
+    def shard(self, model: torch.nn.Module, blocks: str | None = None) -> None:
+        """FSDP2 over all ranks: each block of `model.<blocks>` (None: of the model's declared stacks),
+        then the rest (a no-op in one process)."""
         from dit_rt.parallel import shard_blocks
         from dit_rt.parallel.fsdp import world_mesh
 

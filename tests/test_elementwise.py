@@ -206,7 +206,8 @@ def test_rms_norm_rope_straight_to_fp8_codes():
     from dit_rt.ops.attention.fa3 import FA3_FP8, fp8_operand
     from dit_rt.ops.codes import Fp8Codes
     from dit_rt.ops.elementwise import rms_norm_rope, rms_norm_rope_fp8
-    from models.wan.transformer import rms_norm_into, rope_freqs
+    from dit_rt.ops.fused_ops import qk_norm_rope
+    from models.wan.transformer import rope_freqs
 
     torch.manual_seed(0)
     B, L, D, H = 2, 12, 48, 4
@@ -227,14 +228,17 @@ def test_rms_norm_rope_straight_to_fp8_codes():
     attn = Attention(head_dim=D // H)
     assert not attn.takes_fp8_codes  # sdpa
     attn.op = FA3_FP8
-    assert attn.takes_fp8_codes and rms_norm_into(attn, x) is rms_norm_rope  # CPU tensors: plain path
+    norm = torch.nn.RMSNorm(D, eps=1e-6)
+    norm.weight.data.copy_(w)
+    got = qk_norm_rope(attn, x, norm, H, rope)
+    assert attn.takes_fp8_codes and torch.equal(got, ref)  # CPU tensors: the plain path
 
 
 def test_attention_values_and_output_as_codes():
     """v as per-tensor codes (from a strided q/k/v slice), then the attention output quantized with the
     bound |o| <= max|v| instead of an amax pass: even one-hot attention (o = a row of v) does not saturate,
     and text + image outputs are summed in the same pass."""
-    from models.wan.transformer import out_codes, v_codes
+    from dit_rt.ops.fused_ops import out_codes, v_codes
 
     torch.manual_seed(0)
     B, L, H, Dh = 2, 10, 4, 16

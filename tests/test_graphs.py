@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 
 from dit_rt.cache import apply_cache, cache_branch, cache_reset, cache_step
 from dit_rt.graphs import StackGraphs, apply_cuda_graphs, remove_cuda_graphs
@@ -18,8 +19,13 @@ from tests.tiny_checkpoints import make_wan_transformer
 
 
 def fake_capture(fn, warm_up=True):
-    out = fn()
-    return (lambda: out.copy_(fn())), out
+    out = fn()  # a tensor, or a tuple of tensors (a stack's carry)
+
+    def replay():
+        for o, new in zip(pytree.tree_leaves(out), pytree.tree_leaves(fn())):
+            o.copy_(new)
+
+    return replay, out
 
 
 @pytest.fixture(scope="module")

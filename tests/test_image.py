@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from dit_rt.models.image import CLIPImageConfig, clip_preprocess, derive_size, load_image, resize_for_video
+from dit_rt.image import CLIPImageConfig, clip_preprocess, derive_size, load_image, resize_for_video
 
 # Wan-AI/Wan2.1-I2V-14B-*-Diffusers image_processor/preprocessor_config.json
 WAN_PREPROCESSOR = {
@@ -246,9 +246,6 @@ def test_bad_inputs_give_clear_errors(tmp_path):
 
 
 def test_import_does_not_load_pil():
-    probe = (
-        "import sys, dit_rt.models.image, dit_rt.models.text.clip; "
-        "assert 'PIL' not in sys.modules; print('ok')"
-    )
+    probe = "import sys, dit_rt.image, dit_rt.models.text.clip; assert 'PIL' not in sys.modules; print('ok')"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

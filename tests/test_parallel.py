@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,12 @@ from dit_rt.ops.attention.sdpa import SDPA
 from dit_rt.parallel import (
     ParallelConfig,
     ParallelMesh,
+    Replicate,
     SequenceLayout,
     SequenceParallel,
     SequenceParallelAttention,
     SequencePlan,
+    Split,
     cfg_gather,
     cfg_select,
     gather_batch,
@@ -71,7 +74,7 @@ def _attention_case(mesh: ParallelMesh, shape) -> float:
     q, k, v = _qkv(shape, seed)
     ref = attention(q, k, v, scale=0.3)  # [B, L, H, D]
     world, rank = mesh.size("sp"), mesh.rank("sp")
-    op = SequenceParallelAttention(SDPA, mesh, SequenceLayout(valid_len=q.shape[1]))
+    op = SequenceParallelAttention(SDPA, mesh, SequenceLayout({"x": q.shape[1]}), ("x",))
     local = op(*(shard_sequence(x, 1, world, rank) for x in (q, k, v)), 0.3)  # [B, Ls, H, D]
     out = gather_sequence(local, 1, mesh.group("sp"), q.shape[1])
     return (out - ref).abs().max().item()
@@ -95,7 +98,13 @@ def _tiny_wan():
     return model, (x, torch.tensor([3.0, 700.0]), context)
 
 
-WAN_PLAN = SequencePlan(self_attention=("blocks.*.attn1.attn",), shard_args={1: 1, 5: 0})
+WAN_PLAN = SequencePlan(
+    inputs={
+        "x": Split("x"), "rope": Split("x", dim=0),
+        "context": Replicate(), "context_img": Replicate(), "tproj": Replicate(),
+    },
+    attention={"blocks.*.attn1.attn": ("x",)},
+)  # fmt: skip
 
 
 def _wan_case(mesh: ParallelMesh) -> float:
@@ -260,6 +269,6 @@ def test_plan_errors_name_the_module():
     model, _ = _tiny_wan()
     mesh = ParallelMesh(ParallelConfig())
     with pytest.raises(ValueError, match="no Attention module .* matches 'blocks.\\*.attn9.attn'"):
-        SequenceParallel.apply(model, mesh, SequencePlan(self_attention=("blocks.*.attn9.attn",)))
+        SequenceParallel.apply(model, mesh, replace(WAN_PLAN, attention={"blocks.*.attn9.attn": ("x",)}))
     with pytest.raises(ValueError, match="declares no `sequence_plan`"):
         SequenceParallel.apply(torch.nn.Linear(2, 2), mesh)

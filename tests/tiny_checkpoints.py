@@ -7,10 +7,10 @@ with dit_rt, so both sides run identical weights. Test-only: imports diffusers a
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 
-import torch
+from dit_rt.demo import randomize as _randomize
+from dit_rt.demo import tokenizer_json
 
 TEXT_DIM = 32  # UMT5 d_model of the tiny text encoder
 WAN_TRANSFORMER = dict(
@@ -44,32 +44,13 @@ UMT5 = dict(
 )
 
 
-def _randomize(module: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
-    """Give every parameter non-trivial values: zero-initialised gates and biases would hide bugs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 1 and ("norm" in name or name.endswith("gamma")):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
-    return module
-
-
 def make_tokenizer():
-    """A small SentencePiece-style Unigram tokenizer (T5 conventions: pad 0, eos 1, unk 2, `</s>` last)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    """The demo's small Unigram tokenizer with a few whole words, as a transformers tokenizer."""
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    pieces = ["<pad>", "</s>", "<unk>", "▁"]
-    pieces += ["▁" + w for w in ("a", "the", "cat", "dog", "and", "of", "in", "on", "with", "baking", "cake")]
-    pieces += list(string.ascii_letters + string.digits + string.punctuation)
-    vocab = [(p, 0.0) if i < 3 else (p, -1.0 - 0.01 * i) for i, p in enumerate(pieces)]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
-    tok.normalizer = normalizers.Sequence([normalizers.Replace("  ", " ")])
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    words = ("a", "the", "cat", "dog", "and", "of", "in", "on", "with", "baking", "cake")
+    tok = Tokenizer.from_str(tokenizer_json(words))
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
     )

@@ -100,10 +100,10 @@ def small_tokenizer():
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from dit_rt.demo import _tokenizer_json
+    from dit_rt.demo import tokenizer_json
 
     return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        tokenizer_object=Tokenizer.from_str(tokenizer_json()),
         pad_token="<pad>",
         eos_token="</s>",
         unk_token="<unk>",

@@ -89,7 +89,7 @@ def _selftest(argv: list[str]) -> None:
     ref, t_one = timed(lambda: attention(q, k, v, backend=backend))
     world, rank = mesh.size("sp"), mesh.rank("sp")
     shards = [shard_sequence(x, 1, world, rank) for x in (q, k, v)]
-    op = SequenceParallelAttention(backend, mesh, SequenceLayout(a.seq))
+    op = SequenceParallelAttention(backend, mesh, SequenceLayout({"x": a.seq}), ("x",))
     out, t_par = timed(lambda: op(*shards))
     full = gather_sequence(out, 1, mesh.group("sp"), a.seq)
     err = torch.tensor((full.float() - ref.float()).abs().max().item(), device=device)

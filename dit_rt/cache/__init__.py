@@ -1,4 +1,4 @@
-"""Step caches (TeaCache, First-Block Cache), installed on a transformer's BlockRunner from outside.
+"""Step caches (TeaCache, First-Block Cache), installed on a transformer's BlockRunners from outside.
 
     cache = apply_cache(model, dict(kind="teacache", threshold=0.2), alias="wan2.1-t2v-1.3b")
     cache_reset(models, num_steps)              # once per generation, every transformer (each expert)
@@ -27,15 +27,14 @@ from dit_rt.cache.base import BranchState, StepCache
 from dit_rt.cache.fbcache import FirstBlockCache
 from dit_rt.cache.teacache import (
     TEACACHE_COEFFICIENTS,
-    TEACACHE_PLANS,
     TeaCache,
-    TeaCachePlan,
     TeaCacheRule,
     make_teacache,
     poly,
     teacache_coefficients,
 )
-from dit_rt.runner import BlockRunner
+from dit_rt.contract import block_stacks
+from dit_rt.runner import BlockRunner, stack_runners
 
 CACHE_KINDS = ("teacache", "fbcache")
 _OPTIONS = {
@@ -62,21 +61,22 @@ def check_cache(cache: dict | None) -> None:
         raise ValueError(f"cache threshold must be a number >= 0, got {threshold!r}")
 
 
-def _runner(model: nn.Module) -> BlockRunner:
-    runner = getattr(model, "runner", None)
-    if not isinstance(runner, BlockRunner):
-        raise TypeError(f"{type(model).__name__} has no BlockRunner `runner`; step caches hook there")
-    return runner
+def _runners(model: nn.Module) -> list[BlockRunner]:
+    try:
+        return stack_runners(model)
+    except TypeError as e:
+        raise TypeError(f"{e}; step caches hook on the stacks' runners") from None
 
 
 def apply_cache(model: nn.Module, cache: dict | None, *, alias: str | None = None) -> StepCache | None:
-    """Install the step cache described by `cache` on model.runner (replacing any earlier one).
+    """Install the step cache described by `cache` on the runners of model's stacks (replacing any earlier
+    one); the stacks and the model's `cache_plan` say which stack leads and which stream is measured.
 
     alias: the catalog name of the model, used to find TeaCache's published coefficients (the cache
     dict's `model` wins). Returns the cache object, or None when `cache` is None.
     """
     check_cache(cache)
-    runner = _runner(model)
+    runners = _runners(model)
     remove_cache(model)
     if cache is None:
         return None
@@ -90,20 +90,27 @@ def apply_cache(model: nn.Module, cache: dict | None, *, alias: str | None = Non
         )
     else:
         hook = FirstBlockCache(cache.get("threshold", 0.1))
-    runner.stack_hook = hook
+    stacks = block_stacks(model)
+    plan = getattr(model, "cache_plan", None)
+    hook.stacks = [id(s.blocks) for s in stacks]
+    hook.stream = stacks[0].spec.stream(plan.residual if plan is not None else None)
+    for r in runners:
+        r.stack_hook = hook
     return hook
 
 
 def remove_cache(model: nn.Module) -> None:
-    runner = _runner(model)
-    if isinstance(runner.stack_hook, StepCache):
-        runner.stack_hook.detach()
-    runner.stack_hook = None
+    for r in _runners(model):
+        if isinstance(r.stack_hook, StepCache):
+            r.stack_hook.detach()
+        r.stack_hook = None
 
 
 def get_cache(model: nn.Module) -> StepCache | None:
-    runner = getattr(model, "runner", None)
-    hook = getattr(runner, "stack_hook", None)
+    try:
+        hook = stack_runners(model)[0].stack_hook
+    except TypeError:  # not a transformer with a block seam: no cache
+        return None
     return hook if isinstance(hook, StepCache) else None
 
 
@@ -153,12 +160,10 @@ def cache_stats(models: nn.Module | Iterable[nn.Module]) -> dict:
 __all__ = [
     "CACHE_KINDS",
     "TEACACHE_COEFFICIENTS",
-    "TEACACHE_PLANS",
     "BranchState",
     "FirstBlockCache",
     "StepCache",
     "TeaCache",
-    "TeaCachePlan",
     "TeaCacheRule",
     "apply_cache",
     "cache_branch",

@@ -18,7 +18,9 @@ is measured is the authors' choice per model and variant:
 
 The coefficients are those the authors published (same files); FLUX.2-dev's come from NVIDIA's TensorRT-LLM
 visual_gen, the only published fit for it. Models without published coefficients (Wan 2.2, Cosmos) need
-`coefficients=` passed explicitly, or the model-agnostic First-Block Cache.
+`coefficients=` passed explicitly, or the model-agnostic First-Block Cache. Where a model's signals
+come from is its `cache_plan` (dit_rt.contract.CachePlan): a named runner argument of its first stack,
+or a submodule's output; the rule per variant (WAN_RULES, FLUX_RULES below) is named there too.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dit_rt.cache.base import StepCache, can_reuse
-from dit_rt.runner import BlockRunner
+from dit_rt.cache.base import StepCache, can_reuse, carry_map
+from dit_rt.contract import block_stacks
+from dit_rt.runner import BlockRunner, Carry
 
 # (model, ret_steps) -> rescale polynomial, highest power first, as published by the TeaCache authors.
 TEACACHE_COEFFICIENTS: dict[tuple[str, bool], tuple[float, ...]] = {
@@ -87,36 +90,15 @@ TEACACHE_COEFFICIENTS: dict[tuple[str, bool], tuple[float, ...]] = {
 class TeaCacheRule:
     """Which signal is measured and which steps are always computed."""
 
-    signal: str  # a name in the model's TeaCachePlan.signals
+    signal: str  # a signal name of the model's CachePlan (runner_args or module_outputs)
     warmup_steps: int  # steps 0 .. warmup_steps-1 are always computed
     compute_last: bool  # the final step is always computed
 
 
-# Per model family: the rule for the ret-steps and the standard variant (authors' settings, see above).
+# Per model family: the rule for the ret-steps and the standard variant (authors' settings, see above);
+# a model's CachePlan names its family's.
 WAN_RULES = {True: TeaCacheRule("tproj", 5, False), False: TeaCacheRule("temb", 1, True)}
 FLUX_RULES = {True: TeaCacheRule("modulated", 1, True), False: TeaCacheRule("modulated", 1, True)}
-
-
-@dataclass(frozen=True)
-class TeaCachePlan:
-    """How to read the signals of one model class from outside the model file.
-
-    runner_args: signal name -> positional index in the runner call (blocks = 0, x = 1, ...), the same
-    convention as parallel.SequencePlan. module_outputs: signal name -> submodule path whose forward output
-    is the signal (captured by a forward hook each call).
-    """
-
-    rules: dict[bool, TeaCacheRule]
-    runner_args: dict[str, int]
-    module_outputs: dict[str, str]
-
-
-TEACACHE_PLANS: dict[str, TeaCachePlan] = {
-    # runner(blocks, x, context, context_img, tproj, rope); temb is the time embedder's fp32 output.
-    "WanTransformer": TeaCachePlan(
-        WAN_RULES, runner_args={"tproj": 4}, module_outputs={"temb": "condition_embedder.time_embedder"}
-    ),
-}
 
 
 def poly(coefficients: Sequence[float], x: float) -> float:
@@ -128,7 +110,9 @@ def poly(coefficients: Sequence[float], x: float) -> float:
 
 
 class TeaCache(StepCache):
-    """The TeaCache stack hook for one transformer; `signal(args)` returns this call's measured tensor."""
+    """The TeaCache stack hook for one transformer; `signal(args)` returns this call's measured tensor, or
+    None when it is measured inside the first block: that block then always runs, and the decision (and
+    the cached residual) covers the rest of the stacks."""
 
     kind = "teacache"
 
@@ -156,7 +140,7 @@ class TeaCache(StepCache):
             return True
         return self.rule.compute_last and self.num_steps is not None and self.step >= self.num_steps - 1
 
-    def should_compute(self, x: torch.Tensor, s: torch.Tensor) -> bool:
+    def should_compute(self, x: Carry, s: torch.Tensor) -> bool:
         """The decision for this call; updates the branch's accumulator and remembered signal."""
         st = self.state()
         if self.threshold <= 0 or not can_reuse(st, x, s) or self.always_compute():
@@ -170,16 +154,24 @@ class TeaCache(StepCache):
         st.prev = s.detach().clone()
         return compute
 
-    def __call__(
-        self, runner: BlockRunner, blocks: nn.ModuleList, x: torch.Tensor, args: tuple, kwargs: dict
-    ) -> torch.Tensor:
+    def lead(self, runner: BlockRunner, blocks: nn.ModuleList, x: Carry, args: tuple, kwargs: dict) -> Carry:
         st = self.state()
-        compute = self.should_compute(x, self.signal(args))
+        signal, start = self.signal(args), 0
+        if signal is None:  # measured inside the first block (FLUX's modulated input): run it, then decide
+            x, start = runner.run(blocks, x, args, kwargs, 0, 1), 1
+            signal = self.signal(args)
+            if signal is None:  # a CUDA graph replay runs no forward hooks
+                raise RuntimeError(
+                    "TeaCache measures this model inside its first block, which a CUDA graph replay hides; "
+                    "use cache=dict(kind='fbcache') with cuda_graphs=True"
+                )
+        compute = self.should_compute(x, signal)
         self.record(st, compute)
+        self.computing = compute
         if not compute:
-            return x + st.residual
-        out = runner.run(blocks, x, args, kwargs)
-        st.residual = out - x
+            return carry_map(torch.add, x, st.residual)
+        out = runner.run(blocks, x, args, kwargs, start)
+        st.residual = carry_map(torch.sub, out, x)
         return out
 
     def detach(self) -> None:
@@ -210,19 +202,19 @@ def make_teacache(
     coefficients: Sequence[float] | None = None,
     model_name: str | None = None,
 ) -> TeaCache:
-    """A TeaCache for `model` (not yet installed): the plan of its class, the coefficients, signal probes."""
-    plan = TEACACHE_PLANS.get(type(model).__name__)
-    if plan is None:
+    """A TeaCache for `model` (not yet installed): its `cache_plan`, the coefficients, signal probes."""
+    plan = getattr(model, "cache_plan", None)
+    if plan is None or plan.teacache is None:
         raise ValueError(
-            f"TeaCache has no plan for {type(model).__name__} (known: {', '.join(TEACACHE_PLANS)}); "
+            f"TeaCache has no plan for {type(model).__name__} (its `cache_plan` declares no TeaCache rules); "
             "use cache=dict(kind='fbcache') / --cache fbcache"
         )
     if coefficients is None:
         coefficients = teacache_coefficients(model_name, bool(ret_steps))
-    rule = plan.rules[bool(ret_steps)]
+    rule = plan.teacache[bool(ret_steps)]
     handles = []
     if rule.signal in plan.runner_args:
-        index = plan.runner_args[rule.signal] - 2  # the runner hook receives args after (blocks, x)
+        index = block_stacks(model)[0].spec.arg(plan.runner_args[rule.signal])  # in the args after the carry
 
         def signal(args: tuple) -> torch.Tensor:
             return args[index]
@@ -236,7 +228,7 @@ def make_teacache(
 
         handles.append(module.register_forward_hook(probe))
 
-        def signal(args: tuple) -> torch.Tensor:
-            return captured.pop("s")
+        def signal(args: tuple) -> torch.Tensor | None:  # None until the module has run in this call
+            return captured.pop("s", None)
 
     return TeaCache(threshold, coefficients, rule, signal, handles)

@@ -1,4 +1,6 @@
-"""Leaf ops shared by every model: the attention seam and the linear seam."""
+"""Leaf ops shared by every model: the attention seam and the linear seam; fused elementwise kernels
+(`elementwise`) and the fused producer -> consumer ops a block names (`fused_ops`, where the fp8 dataflow
+lives)."""
 
 from dit_rt.ops.attention import (
     Attention,

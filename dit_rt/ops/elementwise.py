@@ -1,4 +1,5 @@
-"""Fused elementwise ops of the DiT blocks: LayerNorm + adaLN modulation, gated residual, QK RMSNorm + RoPE.
+"""Fused elementwise ops of the DiT blocks: LayerNorm + adaLN modulation, gated residual, QK RMSNorm + RoPE
+(whole-width or per-head norm, interleaved or split-half RoPE).
 
 In eager PyTorch each of these is 4-8 kernels that stream the whole (B, L, D) activation through fp32
 temporaries: at Wan 1.3B 480p (32,760 tokens) they cost more than the linears. On CUDA each op here is one
@@ -22,9 +23,23 @@ from dit_rt.ops.codes import Fp8Codes
 E4M3 = torch.float8_e4m3fn
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs (x[2j], x[2j+1]) of x [B, L, H, Dh] by angles given as cos/sin
-    [L, 1, Dh/2] (fp32), computing in fp32; returns x's dtype."""
+# RoPE layouts: which channels of a head form the pair rotated by angle j. "interleaved" (Wan, FLUX):
+# (x[2j], x[2j+1]); "split_half" (Cosmos, diffusers' `use_real_unbind_dim=-2`, i.e. rotate_half):
+# (x[j], x[j + Dh/2]).
+ROPE_LAYOUTS = ("interleaved", "split_half")
+
+
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "interleaved"
+) -> torch.Tensor:
+    """Rotate channel pairs (a, b) -> (a cos - b sin, a sin + b cos) of x [B, L, H, Dh] by angles given as
+    cos/sin [L, 1, Dh/2] (fp32), computing in fp32; returns x's dtype. `layout` (`ROPE_LAYOUTS`) says
+    which channels pair up."""
+    if layout == "split_half":
+        x1, x2 = x.float().chunk(2, dim=-1)  # [B, L, H, Dh/2] each
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+    if layout != "interleaved":
+        raise ValueError(f"RoPE layout {layout!r}: expected one of {ROPE_LAYOUTS}")
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [B, L, H, Dh/2] each (strided views)
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
 
@@ -106,6 +121,7 @@ def _kernels():
         x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, qinv_ptr, b_ptr, L, D, eps, stride_xr, stride_out,
         HALF_DH: tl.constexpr, HAS_ROPE: tl.constexpr, HEADS_POW2: tl.constexpr, QUANT: tl.constexpr,
         NORMED: tl.constexpr, CAST: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+        HEAD_DIM: tl.constexpr = 0, SPLIT_HALF: tl.constexpr = False,
     ):  # fmt: skip
         # One token row: NORMED consecutive D-channel segments of it (q; or q and k of a fused [q | k | v]
         # row, weights [w_q | w_k]), each loaded contiguously, RMSNorm over its D channels (rounded to the
@@ -116,7 +132,9 @@ def _kernels():
         # norm). CAST: the next segment (v) is passed through as it is. Segment i goes to out_ptr + i *
         # stride_out; QUANT: as e4m3 codes with the caller's static scale 1 / qinv[i]. HAS_BIAS: the
         # projection's bias (one D-vector per segment) is added first, the sum rounded to the model dtype
-        # as the GEMM's bias epilogue would have.
+        # as the GEMM's bias epilogue would have. HEAD_DIM (a power of two; 0: whole-width): RMSNorm over
+        # each head's HEAD_DIM channels instead, weights [HEAD_DIM] per segment. SPLIT_HALF (HEADS_POW2 only):
+        # channel j of a head pairs with j + HALF_DH instead of its neighbour.
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
@@ -136,15 +154,29 @@ def _kernels():
                 b = tl.load(b_ptr + i * D + cols, mask=mask, other=0.0).to(tl.float32)
                 x = (x.to(tl.float32) + b).to(x_ptr.dtype.element_ty)
             x = x.to(tl.float32)
-            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-            w = tl.load(w_ptr + i * D + cols, mask=mask, other=0.0).to(tl.float32)
-            y = (x * rstd * w).to(x_ptr.dtype.element_ty).to(tl.float32)
+            if HEAD_DIM:  # padding heads (past D) are zeros: their norm is 0, never stored
+                xh = tl.reshape(x, (BLOCK_D // HEAD_DIM, HEAD_DIM))
+                rstd = 1.0 / tl.sqrt(tl.sum(xh * xh, axis=1) / HEAD_DIM + eps)
+                w = tl.load(w_ptr + i * HEAD_DIM + tl.arange(0, HEAD_DIM)).to(tl.float32)
+                y = (xh * rstd[:, None] * w[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
+                y = tl.reshape(y, (BLOCK_D,))
+            else:
+                rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+                w = tl.load(w_ptr + i * D + cols, mask=mask, other=0.0).to(tl.float32)
+                y = (x * rstd * w).to(x_ptr.dtype.element_ty).to(tl.float32)
             if HAS_ROPE and HEADS_POW2:
-                a, b = tl.split(tl.reshape(y, (BLOCK_D // (2 * HALF_DH), HALF_DH, 2)))
+                if SPLIT_HALF:  # [heads, 2, HALF_DH] -> pairs (j, j + HALF_DH) on the last axis
+                    t = tl.permute(tl.reshape(y, (BLOCK_D // (2 * HALF_DH), 2, HALF_DH)), (0, 2, 1))
+                else:
+                    t = tl.reshape(y, (BLOCK_D // (2 * HALF_DH), HALF_DH, 2))
+                a, b = tl.split(t)
                 p = (row % L) * HALF_DH + tl.arange(0, HALF_DH)
                 c = tl.load(cos_ptr + p)[None, :]
                 s = tl.load(sin_ptr + p)[None, :]
-                y = tl.reshape(tl.join(a * c - b * s, a * s + b * c), (BLOCK_D,))
+                t = tl.join(a * c - b * s, a * s + b * c)
+                if SPLIT_HALF:
+                    t = tl.permute(t, (0, 2, 1))
+                y = tl.reshape(t, (BLOCK_D,))
             elif HAS_ROPE:
                 a, b = tl.split(tl.reshape(y, (BLOCK_D // 2, 2)))
                 p = tl.arange(0, BLOCK_D // 2)
@@ -422,16 +454,21 @@ def _rms_norm_rope_cuda(
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
     qinv: torch.Tensor | None = None,
+    head_dim: int = 0,
+    split_half: bool = False,
 ) -> torch.Tensor:
     B, L, D = x.shape
     out = torch.empty(B, L, D, device=x.device, dtype=x.dtype if qinv is None else E4M3)
-    _rms_rope_launch(x, weight, eps, cos, sin, qinv, None, out[None], normed=1, cast=False)
+    _rms_rope_launch(x, weight, eps, cos, sin, qinv, None, out[None], 1, False, head_dim, split_half)
     return out
 
 
-def _rms_rope_launch(x, weight, eps, cos, sin, qinv, bias, out, normed: int, cast: bool) -> None:
+def _rms_rope_launch(
+    x, weight, eps, cos, sin, qinv, bias, out, normed: int, cast: bool, head_dim: int = 0, split_half=False
+) -> None:
     """`rms_rope_kernel` over x's rows (`normed` + `cast` segments of D = out.shape[-1] channels each, plus
-    `bias` [segments x D] or None) into out [normed + cast, B, L, D]."""
+    `bias` [segments x D] or None) into out [normed + cast, B, L, D]; head_dim > 0: per-head norm;
+    split_half: split-half RoPE (both need `_kernel_layout`)."""
     triton, kernel = _kernels()[0], _kernels()[3]
     x, rows, stride = _rows(x)
     L, D = x.shape[1], out.shape[-1]
@@ -445,13 +482,13 @@ def _rms_rope_launch(x, weight, eps, cos, sin, qinv, bias, out, normed: int, cas
         x, weight, cos if has_rope else weight, sin if has_rope else weight, out,
         weight if qinv is None else qinv, weight if bias is None else bias, L, D, eps, stride,
         out.stride(0), half_dh, HAS_ROPE=has_rope, HEADS_POW2=pow2, QUANT=qinv is not None,
-        NORMED=normed, CAST=cast, HAS_BIAS=bias is not None, BLOCK_D=block,
-        num_warps=8 if block >= 8192 and not pow2 else 4,
+        NORMED=normed, CAST=cast, HAS_BIAS=bias is not None, BLOCK_D=block, HEAD_DIM=head_dim,
+        SPLIT_HALF=split_half, num_warps=8 if block >= 8192 and not pow2 else 4,
     )  # fmt: skip
 
 
 @_rms_norm_rope_cuda.register_fake
-def _(x, weight, eps, cos, sin, qinv=None):
+def _(x, weight, eps, cos, sin, qinv=None, head_dim=0, split_half=False):
     return torch.empty(x.shape, device=x.device, dtype=x.dtype if qinv is None else E4M3)
 
 
@@ -462,6 +499,29 @@ def _rope_rows(x: torch.Tensor, cos, sin):
     return cos.reshape(x.shape[1], -1).contiguous(), sin.reshape(x.shape[1], -1).contiguous()
 
 
+def _kernel_layout(x: torch.Tensor, heads: int, per_head: bool, layout: str) -> bool:
+    """Whether the Triton kernel takes this norm: always the whole-width RMSNorm with interleaved RoPE
+    (Wan's); the per-head norm and the split-half RoPE for power-of-two head dims (the kernel views a row
+    as [heads, Dh]); other head dims run as torch ops."""
+    if not (_use_triton(x) and x.stride(-1) == 1) or layout not in ROPE_LAYOUTS:
+        return False
+    dh = x.shape[-1] // heads
+    return (not per_head and layout == "interleaved") or dh & (dh - 1) == 0
+
+
+def _kernel_variant(x: torch.Tensor, heads: int, per_head: bool, layout: str) -> dict:
+    """The kernel's variant arguments (head_dim, split_half) for `_kernel_layout`'s norms."""
+    return dict(head_dim=x.shape[-1] // heads if per_head else 0, split_half=layout == "split_half")
+
+
+def _rms_norm_heads(x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int, per_head: bool):
+    """RMSNorm of x [B, L, D] over all D channels (weight [D]) or over each head's Dh (weight [Dh]), as
+    [B, L, heads, Dh] rounded to x's dtype (the torch path of `rms_norm_rope`)."""
+    if per_head:
+        return F.rms_norm(x.unflatten(-1, (heads, -1)), weight.shape, weight, eps)
+    return F.rms_norm(x, x.shape[-1:], weight, eps).unflatten(-1, (heads, -1))
+
+
 def rms_norm_rope(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -469,15 +529,27 @@ def rms_norm_rope(
     heads: int,
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
+    *,
+    per_head: bool = False,
+    layout: str = "interleaved",
 ) -> torch.Tensor:
-    """RMSNorm over the whole channel dim of x [B, L, D] (a q or k projection, possibly a strided view of a
-    fused qkv output), then, with `cos`/`sin` ([L, 1, Dh/2] fp32), RoPE on interleaved channel pairs of each
-    head. Returns [B, L, heads, D / heads] in x's dtype."""
-    if _use_triton(x) and x.stride(-1) == 1:
+    """RMSNorm of x [B, L, D] (a q or k projection, possibly a strided view of a fused qkv output) over the
+    whole channel dim (weight [D], Wan) or, per_head=True, over each head's channels (weight [Dh], FLUX and
+    Cosmos), then, with `cos`/`sin` ([L, 1, Dh/2] fp32), RoPE on each head's channel pairs in `layout`
+    (`ROPE_LAYOUTS`). Returns [B, L, heads, D / heads] in x's dtype."""
+    if _kernel_layout(x, heads, per_head, layout):
         c, s = _rope_rows(x, cos, sin)
-        return _rms_norm_rope_cuda(x, weight.to(x.dtype), eps, c, s).unflatten(-1, (heads, -1))
-    y = F.rms_norm(x, x.shape[-1:], weight, eps).unflatten(-1, (heads, -1))  # [B, L, H, Dh]
-    return y if cos is None else apply_rope(y, cos, sin)
+        variant = _kernel_variant(x, heads, per_head, layout)
+        return _rms_norm_rope_cuda(x, weight.to(x.dtype), eps, c, s, **variant).unflatten(-1, (heads, -1))
+    y = _rms_norm_heads(x, weight, eps, heads, per_head)  # [B, L, H, Dh]
+    return y if cos is None else apply_rope(y, cos, sin, layout)
+
+
+def rms_norm_bound(weight: torch.Tensor) -> torch.Tensor:
+    """A bound on |RMSNorm(x) * weight| through any RoPE: the normalised row (as many channels as weight [n]
+    has: D, or Dh per head) has sum(xhat^2) <= n, so each |xhat_i| <= sqrt(n); a rotation of channel pairs
+    keeps a pair's length."""
+    return math.sqrt(weight.shape[-1]) * weight.float().abs().amax()
 
 
 def rms_norm_rope_fp8(
@@ -487,21 +559,25 @@ def rms_norm_rope_fp8(
     heads: int,
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
+    *,
+    per_head: bool = False,
+    layout: str = "interleaved",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`rms_norm_rope` straight to per-tensor e4m3 codes [B, L, heads, Dh] and their dequant scale (1,).
 
-    Static scale, no pass over the activation: the RMS-normalised row has sum(xhat^2) <= D, so each
-    |xhat_i| <= sqrt(D); times the norm weight and through RoPE (a rotation of channel pairs, which keeps a
-    pair's length) every output is within sqrt(D) max|weight|. fp8 attention (fa3-fp8) takes the codes as
-    they are, skipping its own amax and cast passes over q and k.
+    Static scale, no pass over the activation (`rms_norm_bound`: every output is within sqrt(width)
+    max|weight|, width the normalised channels). fp8 attention (a backend with `takes_codes`, fa3-fp8)
+    takes the codes as they are, skipping its own amax and cast passes over q and k.
     """
-    qscale, qinv = _static_scale(math.sqrt(x.shape[-1]) * weight.float().abs().amax(), x.device)
-    if _use_triton(x) and x.stride(-1) == 1:
+    qscale, qinv = _static_scale(rms_norm_bound(weight), x.device)
+    if _kernel_layout(x, heads, per_head, layout):
         c, s = _rope_rows(x, cos, sin)
-        q = _rms_norm_rope_cuda(x, weight.to(x.dtype), eps, c, s, qinv)
+        q = _rms_norm_rope_cuda(
+            x, weight.to(x.dtype), eps, c, s, qinv, **_kernel_variant(x, heads, per_head, layout)
+        )
         return q.unflatten(-1, (heads, -1)), qscale
-    y = F.rms_norm(x, x.shape[-1:], weight, eps).unflatten(-1, (heads, -1))  # rounded to x's dtype
-    y = y.float() if cos is None else apply_rope(y.float(), cos, sin)  # then fp32 into the codes
+    y = _rms_norm_heads(x, weight, eps, heads, per_head)  # rounded to x's dtype
+    y = y.float() if cos is None else apply_rope(y.float(), cos, sin, layout)  # then fp32 into the codes
     return _codes(y, qinv), qscale
 
 
@@ -518,15 +594,18 @@ def _qkv_fp8_cuda(
     sin: torch.Tensor,
     qinv: torch.Tensor,
     bias: torch.Tensor | None = None,
+    head_dim: int = 0,
+    split_half: bool = False,
 ) -> torch.Tensor:
     B, L, D3 = qkv.shape
     out = torch.empty(3, B, L, D3 // 3, device=qkv.device, dtype=E4M3)  # q, k, v codes
-    _rms_rope_launch(qkv, torch.cat((wq, wk)), eps, cos, sin, qinv, bias, out, normed=2, cast=True)
+    w = torch.cat((wq, wk))
+    _rms_rope_launch(qkv, w, eps, cos, sin, qinv, bias, out, 2, True, head_dim, split_half)
     return out
 
 
 @_qkv_fp8_cuda.register_fake
-def _(qkv, wq, wk, eps, cos, sin, qinv, bias=None):
+def _(qkv, wq, wk, eps, cos, sin, qinv, bias=None, head_dim=0, split_half=False):
     B, L, D3 = qkv.shape
     return torch.empty(3, B, L, D3 // 3, device=qkv.device, dtype=E4M3)
 
@@ -541,6 +620,9 @@ def qkv_norm_rope_fp8(
     sin: torch.Tensor,
     v_bound: torch.Tensor,
     bias: torch.Tensor | None = None,
+    *,
+    per_head: bool = False,
+    layout: str = "interleaved",
 ) -> tuple[Fp8Codes, Fp8Codes, Fp8Codes]:
     """q, k, v of a fused self-attention projection qkv [B, L, 3D] as per-tensor e4m3 codes [B, L, heads,
     Dh], in one pass over qkv on CUDA: q and k as `rms_norm_rope_fp8` makes them (RMSNorm over D with
@@ -548,19 +630,22 @@ def qkv_norm_rope_fp8(
     bound as scale), v cast with the scale v_bound / 448, v_bound a tensor known to bound |v| (see
     `fp8.output_bound`: the projection's weight row norms times its input's row-norm bound). bias [3D]:
     the projection's bias, left out of its GEMM (`Linear(x, bias=False)`), added here first (the sums
-    rounded to qkv's dtype). Replaces two RMSNorm + RoPE passes, an amax pass and a cast pass over v."""
+    rounded to qkv's dtype). per_head / layout: the norm and RoPE variants of `rms_norm_rope`. Replaces
+    two RMSNorm + RoPE passes, an amax pass and a cast pass over v."""
     D = qkv.shape[-1] // 3
     dt = qkv.dtype
-    (qs, qi), (ks, ki) = (_static_scale(math.sqrt(D) * w.float().abs().amax(), qkv.device) for w in (wq, wk))
+    (qs, qi), (ks, ki) = (_static_scale(rms_norm_bound(w), qkv.device) for w in (wq, wk))
     vs, vi = _static_scale(v_bound, qkv.device)
-    if _use_triton(qkv) and qkv.stride(-1) == 1:
+    if _kernel_layout(qkv[..., :D], heads, per_head, layout):
         c, s = _rope_rows(qkv, cos, sin)
         b = None if bias is None else bias.to(dt)
-        q, k, v = _qkv_fp8_cuda(qkv, wq.to(dt), wk.to(dt), eps, c, s, torch.cat((qi, ki, vi)), b).unbind(0)
+        variant = _kernel_variant(qkv[..., :D], heads, per_head, layout)
+        w = (wq.to(dt), wk.to(dt))
+        q, k, v = _qkv_fp8_cuda(qkv, *w, eps, c, s, torch.cat((qi, ki, vi)), b, **variant).unbind(0)
     else:
         qkv = qkv if bias is None else (qkv.float() + bias.float()).to(dt)
         q, k = (
-            rms_norm_rope_fp8(t, w, eps, heads, cos, sin)[0].flatten(2)
+            rms_norm_rope_fp8(t, w, eps, heads, cos, sin, per_head=per_head, layout=layout)[0].flatten(2)
             for t, w in ((qkv[..., :D], wq), (qkv[..., D : 2 * D], wk))
         )
         v = _codes(qkv[..., 2 * D :], vi)

@@ -2,8 +2,8 @@
 
 Every rank runs the same weights whatever its dp / cfg / sequence coordinates, so the shards span the
 whole world: a 14B transformer takes 1/world of its bytes per GPU plus one or two gathered blocks.
-fully_shard per block (then on the root for the remaining boundary layers) lets the all-gather of
-block i+1 overlap block i.
+fully_shard per block of every declared stack (`dit_rt.contract`; then on the root for the remaining
+boundary layers) lets the all-gather of block i+1 overlap block i.
 """
 
 from __future__ import annotations
@@ -21,12 +21,15 @@ def world_mesh() -> DeviceMesh:
 
 def shard_blocks(
     model: nn.Module,
-    blocks: str = "blocks",
+    blocks: str | tuple[str, ...] | None = None,
     *,
     reshard_after_forward: bool = True,
     mesh: DeviceMesh | None = None,
 ) -> nn.Module:
     """Apply `torch.distributed.fsdp.fully_shard` to each module of `model.<blocks>` and to `model`.
+
+    blocks: the ModuleList path(s) (dotted: "encoder.block" for T5 encoders); None: the model's declared
+    stacks (`stacks`, dit_rt.contract), else "blocks".
 
     Needs an initialised process group (see `init_distributed`); the parameters must be materialised
     (not meta), on this rank's device or on the host: fully_shard moves each block to the mesh's device
@@ -40,13 +43,18 @@ def shard_blocks(
     if not dist.is_initialized():
         raise RuntimeError("shard_blocks needs torch.distributed; launch with torchrun (tools/launch.py)")
     mesh = mesh if mesh is not None else world_mesh()
-    try:
-        stack = model.get_submodule(blocks)  # a dotted path works too ("encoder.block" for T5 encoders)
-    except AttributeError:
-        stack = None
-    if not isinstance(stack, nn.ModuleList):
-        raise ValueError(f"shard_blocks: {type(model).__name__}.{blocks} is not a ModuleList of blocks")
-    for block in stack:
+    if blocks is None:
+        blocks = tuple(s.blocks for s in getattr(model, "stacks", ())) or "blocks"
+    stacks = []
+    for path in (blocks,) if isinstance(blocks, str) else blocks:
+        try:
+            stack = model.get_submodule(path)
+        except AttributeError:
+            stack = None
+        if not isinstance(stack, nn.ModuleList):
+            raise ValueError(f"shard_blocks: {type(model).__name__}.{path} is not a ModuleList of blocks")
+        stacks.append(stack)
+    for block in (b for stack in stacks for b in stack):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return model

@@ -6,7 +6,9 @@ their log-sum-exps: out = sum_j exp(lse_j - lse) out_j, lse = logsumexp_j lse_j,
 
 Padding is handled by position, not by a mask: a sequence is padded only at its end (split.py), so
 chunk j holds min(max(valid_len - j * chunk, 0), chunk) real keys, all in front. Slicing them off keeps
-every backend exact (no backend has to take a mask) and skips all-padding chunks entirely.
+every backend exact (no backend has to take a mask) and skips all-padding chunks entirely. A joint
+sequence of several streams (a `ShardLayout`) has each stream's padding at that stream's end inside the
+chunk, so the real keys are a few runs, sliced and concatenated.
 """
 
 from __future__ import annotations
@@ -18,16 +20,29 @@ import torch.distributed as dist
 
 from dit_rt.ops.attention import AttentionBackend, attention
 from dit_rt.ops.attention.sdpa import SDPA
+from dit_rt.parallel.split import ShardLayout, real_keys
 
 log = logging.getLogger("dit_rt")
 _warned: set[str] = set()
 
 
-def real_keys(valid_len: int | None, chunk: int, index: int) -> int:
-    """Real (non-padding) keys in chunk `index` of `chunk` tokens when the sequence has `valid_len`."""
-    if valid_len is None:
-        return chunk
-    return min(max(valid_len - index * chunk, 0), chunk)
+def real_runs(valid: int | ShardLayout | None, chunk: int, index: int, chunks: int) -> list[tuple[int, int]]:
+    """(start, length) runs of the real keys in chunk `index` (of `chunks`, `chunk` tokens each)."""
+    if not isinstance(valid, ShardLayout):
+        return [(0, real_keys(valid, chunk, index))]
+    per = valid.world // chunks  # sequence shards per chunk (a Ulysses all-to-all gathers several)
+    if per * chunks != valid.world or per * valid.shard != chunk:
+        raise ValueError(
+            f"ring attention: {chunks} chunks of {chunk} tokens do not hold the shards of {valid}"
+        )
+    return valid.real_runs(index * per, per)
+
+
+def _take(x: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+    """The tokens of `runs` of x [B, L, ...]: a view for one run, else the runs concatenated."""
+    if len(runs) <= 1:
+        return x[:, runs[0][0] : sum(runs[0])] if runs else x[:, :0]
+    return torch.cat([x[:, start : start + n] for start, n in runs], dim=1)
 
 
 def _lse_backend(backend: AttentionBackend) -> AttentionBackend:
@@ -62,20 +77,20 @@ def ring_attention(
     *,
     group: dist.ProcessGroup | None,
     backend: AttentionBackend = SDPA,
-    valid_len: int | None = None,
+    valid_len: int | ShardLayout | None = None,
 ) -> torch.Tensor:
     """Attention of this rank's query chunk over the K/V chunks of every rank of `group`.
 
     q (B, Lc, H, D), k/v (B, Lc, Hk, D*): chunk `rank` of a sequence split into equal contiguous chunks in
     group-rank order. valid_len: the real length of the whole sequence, when it was padded at its end
-    (keys past it are ignored); None means no padding. Returns (B, Lc, H, Dv) in q's dtype. With no
-    group (or one rank) this is local attention over the real keys, and any backend works.
+    (keys past it are ignored), or the ShardLayout of a joint sequence of streams (each chunk is then
+    `world / chunks` consecutive shards of it); None means no padding. Returns (B, Lc, H, Dv) in q's
+    dtype. With no group (or one rank) this is local attention over the real keys, and any backend works.
     """
     world = 1 if group is None else dist.get_world_size(group)
-    chunk = k.shape[1]
     if world == 1:
-        n = real_keys(valid_len, chunk, 0)
-        return attention(q, k[:, :n], v[:, :n], scale=scale, backend=backend)
+        runs = real_runs(valid_len, k.shape[1], 0, 1)
+        return attention(q, _take(k, runs), _take(v, runs), scale=scale, backend=backend)
     backend = _lse_backend(backend)
     rank = dist.get_rank(group)
     send_to = dist.get_global_rank(group, (rank + 1) % world)
@@ -89,9 +104,9 @@ def ring_attention(
             reqs = dist.batch_isend_irecv(
                 [dist.P2POp(dist.isend, kv, send_to, group), dist.P2POp(dist.irecv, nxt, recv_from, group)]
             )
-        n = real_keys(valid_len, chunk, (rank - step) % world)
-        if n > 0:
-            kj, vj = kv[:, :n].split([dk, kv.shape[-1] - dk], dim=-1)
+        runs = real_runs(valid_len, kv.shape[1], (rank - step) % world, world)
+        if sum(n for _, n in runs) > 0:
+            kj, vj = _take(kv, runs).split([dk, kv.shape[-1] - dk], dim=-1)
             out_j, lse_j = attention(q, kj, vj, scale=scale, return_lse=True, backend=backend)
             out, lse = merge_partial(out, lse, out_j, lse_j)
         if step < world - 1:

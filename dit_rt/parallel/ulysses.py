@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from dit_rt.ops.attention import AttentionBackend
 from dit_rt.ops.attention.sdpa import SDPA
 from dit_rt.parallel.ring import ring_attention
+from dit_rt.parallel.split import ShardLayout
 
 
 def all_to_all(x: torch.Tensor, group: dist.ProcessGroup, scatter_dim: int, gather_dim: int) -> torch.Tensor:
@@ -43,14 +44,15 @@ def ulysses_attention(
     *,
     group: dist.ProcessGroup,
     backend: AttentionBackend = SDPA,
-    valid_len: int | None = None,
+    valid_len: int | ShardLayout | None = None,
     ring_group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Sequence-parallel attention over `group`: q (B, Ls, H, D), k/v (B, Ls, Hk, D*) -> (B, Ls, H, Dv).
 
     Every rank holds an equal contiguous shard of the sequence in group-rank order (the ring group, if
     any, splits the sequence further: shard index = ring_rank * U + ulysses_rank). valid_len: the real
-    length of the whole sequence when it was padded at its end; None when it was not.
+    length of the whole sequence when it was padded at its end, the ShardLayout of a joint sequence of
+    streams, or None when it was not padded.
     """
     world = dist.get_world_size(group)
     heads, kv_heads = q.shape[2], k.shape[2]

@@ -14,11 +14,15 @@ reproduces it. Instead each rank keeps exactly its own rows at every layer:
 Everything else in the decoder (channel RMS norms, SiLU, nearest upsampling, 1x1 and time-only convs) acts
 on each pixel column independently and needs nothing. A stripe of r latent rows is r * 2^k rows after k
 upsamplings, so row bookkeeping is a scale of the latent split.
+
+Which modules are which is the VAE's to say: its class declares a `row_split` (`RowSplit`), so this file
+imports no model and a VAE shared by several families (the Wan VAE: Wan and Cosmos) declares it once.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -26,6 +30,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from dit_rt.parallel.split import split_sizes
+
+
+@dataclass(frozen=True)
+class RowSplit:
+    """How a VAE's decoder runs on a stripe of latent rows, declared by the VAE class as `row_split`.
+
+    halo: module types that read neighbouring rows: spatial convs with stride 1 and 'same' zero padding
+    (the weight's kernel at dims [-2, -1], `stride` and `padding` as nn.Conv2d / Conv3d hold them); each
+    gets the neighbours' padding-many boundary rows before it and drops them after. frame_global: module
+    types whose output row depends on the whole frame (attention over H*W): each sees every rank's rows
+    gathered and keeps its own. decoder: the VAE attribute holding the decoder the hooks go on.
+    """
+
+    halo: tuple[type[nn.Module], ...]
+    frame_global: tuple[type[nn.Module], ...] = ()
+    decoder: str = "decoder"
 
 
 def _gather_rows(x: torch.Tensor, group: dist.ProcessGroup, sizes: list[int]) -> torch.Tensor:
@@ -117,16 +137,14 @@ class StripeDecode:
         return out[..., self.start * scale : self.start * scale + self._rows, :]
 
     @contextmanager
-    def hooks(self, decoder: nn.Module):
-        """Install the stripe hooks on every spatial conv and attention block of `decoder` for the body."""
-        from dit_rt.models.wan.vae import AttentionBlock, CausalConv3d
-
+    def hooks(self, decoder: nn.Module, split: RowSplit):
+        """Install the stripe hooks on `decoder`'s modules that `split` names, for the body."""
         handles = []
         for m in decoder.modules():
-            if isinstance(m, (CausalConv3d, nn.Conv2d)) and _halo(m) > 0:
+            if isinstance(m, split.halo) and _halo(m) > 0:
                 handles.append(m.register_forward_pre_hook(self._conv_pre, with_kwargs=True))
                 handles.append(m.register_forward_hook(self._conv_post, with_kwargs=True))
-            elif isinstance(m, AttentionBlock):
+            elif isinstance(m, split.frame_global):
                 handles.append(m.register_forward_pre_hook(self._attention_pre))
                 handles.append(m.register_forward_hook(self._attention_post))
         try:
@@ -161,16 +179,22 @@ def parallel_decode(
 
     z: [B, Z, T, h, w] VAE-scale latents, the same on every rank of the group. Returns [B, 3, T', 8h, 8w]
     in the VAE dtype, equal to the one-process decode (float rounding of differently shaped convs aside).
-    Without a group, or with fewer latent rows than ranks, every rank decodes the whole frame. chunk and
-    channels_last as in `WanVAE.decode` (None: channels-last on CUDA).
+    Without a group, with fewer latent rows than ranks, or for a VAE that declares no `row_split`, every
+    rank decodes the whole frame. chunk and channels_last as in `WanVAE.decode` (None: channels-last on CUDA).
     """
-    if group is None or dist.get_world_size(group) == 1 or z.shape[-2] < dist.get_world_size(group):
+    split: RowSplit | None = getattr(type(vae), "row_split", None)
+    if (
+        split is None
+        or group is None
+        or dist.get_world_size(group) == 1
+        or z.shape[-2] < dist.get_world_size(group)
+    ):
         return vae.decode(z, chunk=chunk, channels_last=channels_last)
     channels_last = z.is_cuda if channels_last is None else channels_last
     stripes = StripeDecode(group, z.shape[-2], channels_last=channels_last)
     tiling, vae.tiling = vae.tiling, None  # tiles are blended, not exact: a stripe is decoded whole
     try:
-        with stripes.hooks(vae.decoder):
+        with stripes.hooks(getattr(vae, split.decoder), split):
             part = vae.decode(
                 stripes.stripe(z), chunk=chunk, channels_last=channels_last
             )  # [B, 3, T', 8r, 8w]

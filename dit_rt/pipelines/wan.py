@@ -4,58 +4,36 @@ Image-to-video adds the VAE-encoded first frame + mask channels (36-channel inpu
 the CLIP ViT-H/14 image tokens.
 
 Step for step the same computation as diffusers' `WanPipeline` / `WanImageToVideoPipeline`, so both give the
-same frames from the same `latents`.
-
-Under torchrun with `parallel=` (see dit_rt.parallel) the same loop runs on every rank: data parallel splits
-the prompt batch over the dp groups (the noise is drawn for the whole batch on every rank, then sliced, so
-each item sees the noise it would in one process); CFG parallel runs the conditional pass on cfg rank 0 and
-the unconditional one on rank 1 and exchanges the predictions; Ulysses / Ring run inside the transformer's
-attention (installed by RuntimeOptions). Every rank then steps the scheduler identically, the ranks of a
-dp group decode their items together (latent rows split across them), and every rank returns the whole
-batch.
+same frames from the same `latents`. The loop itself (batching, dp, CFG and CFG parallel, step caches, expert
+switching, output) is dit_rt.pipeline's; this file holds what is Wan's.
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
 from dit_rt import checks
-from dit_rt.cache import cache_branch, cache_reset, cache_stats, cache_step
 from dit_rt.catalog import Defaults, Entry
+from dit_rt.components import build_component
 from dit_rt.offload import ComponentOffload
-from dit_rt.parallel import cfg_gather, cfg_select, gather_batch, split_batch
 from dit_rt.parallel.vae import parallel_decode
-from dit_rt.pipeline import GenerationOutput, StepCallback, as_prompt_list, guide, make_generator, progress
+from dit_rt.pipeline import (
+    Conditioning,
+    GenerationOutput,
+    Pipeline,
+    Request,
+    StepCallback,
+    as_prompt_list,
+    register_pipeline,
+)
 from dit_rt.runtime import RuntimeOptions
 
 log = logging.getLogger("dit_rt")
 
 VAE_SCALE_SPATIAL, VAE_SCALE_TEMPORAL, PATCH = 8, 4, 2
-
-
-def _clip_branch_from_keys(config, component_dir: Path):
-    """The weights decide whether a Wan transformer has the CLIP image branch (Wan 2.1 I2V) or not (Wan 2.2
-    I2V): Hub configs of the same model have been published both ways (spec A.1)."""
-    from dataclasses import replace
-
-    from dit_rt.loaders import find_weight_files, scan
-
-    keys = scan(*find_weight_files(component_dir))
-    has_clip = any(".attn2.add_k_proj." in k for k in keys)
-    if has_clip and config.image_dim is None:
-        image_dim = keys["condition_embedder.image_embedder.norm1.weight"].shape[0]
-        return replace(
-            config,
-            image_dim=image_dim,
-            added_kv_proj_dim=config.num_attention_heads * config.attention_head_dim,
-        )
-    if not has_clip and config.image_dim is not None:
-        return replace(config, image_dim=None, added_kv_proj_dim=None)
-    return config
 
 
 def _fits_beside(model: torch.nn.Module, device: torch.device, headroom: float = 0.35) -> bool:
@@ -84,13 +62,15 @@ def constraints(folder: Path, index: dict) -> checks.Constraints:
     )
 
 
-class WanPipeline:
-    """Text-to-video for every Wan 2.1 / 2.2 A14B checkpoint in the Hub Diffusers layout."""
+@register_pipeline("WanPipeline", "WanImageToVideoPipeline")
+class WanPipeline(Pipeline):
+    """Text-to-video and image-to-video for every Wan 2.1 / 2.2 checkpoint in the Hub Diffusers layout."""
+
+    folder_constraints = staticmethod(constraints)
 
     def __init__(self, folder: Path, index: dict, options: RuntimeOptions, entry: Entry | None = None):
         from dit_rt import loaders
-        from dit_rt.models.text import T5Tokenizer, UMT5Config, UMT5Encoder
-        from dit_rt.models.wan import WanTransformer, WanTransformerConfig, WanVAE, WanVAEConfig
+        from dit_rt.models.text import T5Tokenizer
         from dit_rt.schedulers import UniPCFlowScheduler
 
         self.folder, self.options, self.entry = folder, options, entry
@@ -106,32 +86,19 @@ class WanPipeline:
         fsdp = options.parallel is not None and options.parallel.fsdp
         sharded = torch.device("cpu") if fsdp else host
 
-        def build(cls, config_cls, component: str, dtype, linear_format=None, *, to=host):
-            config = config_cls.from_config(loaders.read_config(folder / component))
-            if cls is WanTransformer:
-                config = _clip_branch_from_keys(config, folder / component)
-            with torch.device("meta"):
-                model = cls(config)
-            loaders.load_weights(
-                model,
-                folder / component,
-                device=to,
-                dtype=dtype,
-                linear_format=linear_format,
-                component=component,
+        def build(component: str, dtype, linear_format=None, *, to=host):
+            return build_component(
+                folder, index, component, device=to, dtype=dtype, linear_format=linear_format
             )
-            return model.eval().requires_grad_(False)
 
         self.tokenizer = T5Tokenizer.from_folder(folder / "tokenizer")
-        self.text_encoder = build(UMT5Encoder, UMT5Config, "text_encoder", dtype, to=sharded)
+        self.text_encoder = build("text_encoder", dtype, to=sharded)
         if fsdp:
             options.shard(self.text_encoder, "encoder.block")
         self.vae_dtype = options.vae_dtype or dtype
-        self.vae = build(WanVAE, WanVAEConfig, "vae", self.vae_dtype)
+        self.vae = build("vae", self.vae_dtype)
         experts = ["transformer"] + (["transformer_2"] if index.get("transformer_2", [None])[0] else [])
-        self.transformers = [
-            build(WanTransformer, WanTransformerConfig, experts[0], dtype, options.linear_format, to=sharded)
-        ]
+        self.transformers = [build(experts[0], dtype, options.linear_format, to=sharded)]
         if fsdp:  # shard the first expert before the second one is loaded beside it
             options.install(self.transformers[0], entry.alias if entry else None)
         self.park_experts = False
@@ -145,9 +112,7 @@ class WanPipeline:
                     not fsdp and not options.offload and not _fits_beside(self.transformers[0], device)
                 )
             to = torch.device("cpu") if self.park_experts else sharded
-            self.transformers.append(
-                build(WanTransformer, WanTransformerConfig, experts[1], dtype, options.linear_format, to=to)
-            )
+            self.transformers.append(build(experts[1], dtype, options.linear_format, to=to))
             if self.park_experts:
                 log.info(
                     "dit_rt: two experts do not fit on %s together; the inactive one waits on the CPU", device
@@ -157,14 +122,13 @@ class WanPipeline:
             options.install(model, alias)
         self.image_encoder = self.clip_config = None
         if self.i2v and self.transformers[0].cfg.image_dim is not None:  # Wan 2.1 I2V: CLIP image tokens
-            from dit_rt.models.image import CLIPImageConfig
-            from dit_rt.models.text import CLIPVisionConfig, CLIPVisionEncoder
+            from dit_rt.image import CLIPImageConfig
 
             if not (index.get("image_encoder") or [None])[0]:
                 raise ValueError(
                     f"{folder}: the transformer takes CLIP image tokens but there is no image_encoder"
                 )
-            self.image_encoder = build(CLIPVisionEncoder, CLIPVisionConfig, "image_encoder", dtype)
+            self.image_encoder = build("image_encoder", dtype)
             self.clip_config = CLIPImageConfig.from_config(loaders.read_config(folder / "image_processor"))
         self.offload = ComponentOffload(device)
         if options.offload:
@@ -257,7 +221,7 @@ class WanPipeline:
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         if self.i2v:
-            from dit_rt.models.image import derive_size, load_image
+            from dit_rt.image import derive_size, load_image
 
             # Validate early; the original object goes on to the resizers, whose filters depend on its type
             # (PIL: Lanczos, tensors: nearest) exactly as in the reference.
@@ -286,101 +250,56 @@ class WanPipeline:
         if output_type not in ("frames", "latents"):
             raise ValueError(f"output_type must be 'frames' or 'latents', got {output_type!r}")
         shape = self.check_inputs(height, width, num_frames, len(prompts), latents)
+        request = Request(
+            prompts=prompts,
+            negatives=negatives,
+            shape=shape,
+            steps=steps,
+            guidance=(g1, g2),
+            metadata=self._metadata(
+                prompts, negative_prompt, image, height, width, num_frames, steps, g1, g2
+            ),
+            latents=latents,
+            seed=seed,
+            encode=dict(max_sequence_length=max_sequence_length),
+            extra=dict(image=image, height=height, width=width, num_frames=num_frames, flow_shift=flow_shift),
+            fps=d.fps,
+            output_type=output_type,
+            progress_bar=progress_bar,
+            callback=callback,
+        )
+        return self.denoise(request)
 
-        do_cfg = g1 > 1.0  # as the reference: guidance is decided by the first expert's scale
-        mesh, batch = self.mesh, len(prompts)
-        dp_group, cfg_group = mesh.group("dp"), mesh.group("cfg")
-        cfg_parallel = mesh.size("cfg") == 2
-        if mesh.size("dp") > batch:
-            raise ValueError(
-                f"parallel dp={mesh.size('dp')} splits the prompt batch over {mesh.size('dp')} groups; "
-                f"pass at least {mesh.size('dp')} prompts or lower dp"
-            )
-        if cfg_parallel and not do_cfg:
-            raise ValueError(
-                "parallel cfg=2 runs the conditional and unconditional passes on different ranks, but "
-                f"guidance_scale={g1} <= 1 runs no unconditional pass; use guidance_scale > 1 or cfg=1"
-            )
-        metadata = self._metadata(prompts, negative_prompt, image, height, width, num_frames, steps, g1, g2)
-        # Data parallel: this dp group's part of the batch (everything in one process).
-        prompts, negatives = split_batch(prompts, dp_group), split_batch(negatives, dp_group)
-        if cfg_parallel:  # this rank's pass only: cond on cfg rank 0, uncond on cfg rank 1
-            cond = self.encode_prompt(cfg_select(prompts, negatives, cfg_group), max_sequence_length)
-        else:
-            cond = self.encode_prompt(prompts, max_sequence_length)
-            uncond = self.encode_prompt(negatives, max_sequence_length) if do_cfg else None
+    # -------------------------------------------------------------------------------------------- loop hooks
 
-        if latents is None:
-            # The whole batch's noise, identical on every rank (one shared seed), then this group's slice.
-            seed = self._shared_seed(seed)
-            metadata["seed"] = seed
-            latents = torch.randn(shape, generator=make_generator(seed, self.device), device=self.device)
-        latents = split_batch(latents.to(self.device, torch.float32), dp_group)
-        condition = image_tokens = None
-        if self.i2v:
-            condition, image_tokens = self.encode_image(image, len(prompts), height, width, num_frames)
+    def prepare_latents(self, latents: torch.Tensor, r: Request):
+        """The noise as it is (float32), and for image-to-video the first-frame conditioning of this batch."""
+        if not self.i2v:
+            return latents, None
+        x = r.extra
+        return latents, self.encode_image(x["image"], len(latents), x["height"], x["width"], x["num_frames"])
 
-        shift = flow_shift if flow_shift is not None else d.flow_shift
+    def make_scheduler(self, r: Request):
+        shift = r.extra["flow_shift"] if r.extra["flow_shift"] is not None else self.defaults.flow_shift
         scheduler = self.scheduler
         if shift is not None and shift != scheduler.config.flow_shift:
             from dit_rt.schedulers import UniPCFlowScheduler
 
             scheduler = UniPCFlowScheduler.from_config(self.scheduler_config, flow_shift=shift)
-        scheduler.set_timesteps(steps, device=self.device)
-        metadata["flow_shift"] = scheduler.config.flow_shift
+        scheduler.set_timesteps(r.steps, device=self.device)
+        r.metadata["flow_shift"] = scheduler.config.flow_shift
+        return scheduler
 
-        show = progress_bar and self.options.rank == 0
-        # Step caches keep one state per expert and per guidance branch; under cfg parallel each rank runs
-        # one branch.
-        first_branch = "uncond" if cfg_parallel and self.mesh.rank("cfg") == 1 else "cond"
-        cache_reset(self.transformers, steps)
-        with (
-            ExitStack() as on_device
-        ):  # offload="model": the active expert's weights, swapped at the boundary
-            active = None
-            for i, t in enumerate(progress(scheduler.timesteps, show)):
-                expert, scale = self._expert(t, g1, g2)
-                if expert is not active:
-                    on_device.close()
-                    on_device.enter_context(self.offload.use(expert))
-                    active = expert
-                cache_step(expert, i)
-                x = latents if condition is None else torch.cat([latents, condition], dim=1)
-                x = x.to(self.dtype)
-                timestep = t.expand(x.shape[0])
-                with cache_branch(expert, first_branch):
-                    noise = expert(x, timestep, cond, image_tokens)
-                if cfg_parallel:
-                    noise, noise_uncond = cfg_gather(noise, cfg_group)  # both ranks get both predictions
-                    noise = guide(noise_uncond, noise, scale)
-                elif do_cfg:
-                    with cache_branch(expert, "uncond"):
-                        noise = guide(expert(x, timestep, uncond, image_tokens), noise, scale)
-                latents = scheduler.step(noise, t, latents)
-                if callback is not None:
-                    callback(i, t, latents)  # under data parallel: this dp group's part of the batch
-        stats = cache_stats(self.transformers)
+    def predict(self, model, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The flow velocity; image-to-video adds the mask + image latent channels and the CLIP tokens."""
+        condition, image_tokens = cond.shared or (None, None)
+        x = latents if condition is None else torch.cat([latents, condition], dim=1)
+        x = x.to(self.dtype)
+        return model(x, t.expand(x.shape[0]), cond.prompt, image_tokens)
 
-        out = dict(fps=d.fps, stats=stats, seed=metadata.get("seed"), metadata=metadata)
-        if output_type == "latents":
-            return GenerationOutput(torch.empty(0), gather_batch(latents, dp_group, batch), **out)
-        frames = gather_batch(self._decode(latents), dp_group, batch).cpu()
-        latents = gather_batch(latents, dp_group, batch)
-        return GenerationOutput(frames=frames, latents=latents, **out)
-
-    def _shared_seed(self, seed: int | None) -> int:
-        """The seed of the initial noise: `seed`, or when None one drawn at random, so that the output can
-        report it. With several processes rank 0 draws it for all: every rank must draw the same noise (each
-        dp group then takes its slice; sequence and cfg ranks need identical inputs)."""
-        import torch.distributed as dist
-
-        if seed is not None:
-            return seed
-        drawn = torch.randint(0, 2**32, (1,), generator=make_generator(None, torch.device("cpu")))
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            drawn = drawn.to(self.device)
-            dist.broadcast(drawn, src=0)
-        return int(drawn.item())
+    def expert_index(self, t: torch.Tensor) -> int:
+        """Wan 2.2 A14B: the high-noise expert down to the boundary timestep, the low-noise one after."""
+        return 0 if self.boundary_timestep is None or t >= self.boundary_timestep else 1
 
     def _metadata(self, prompts, negative_prompt, image, height, width, num_frames, steps, g1, g2) -> dict:
         """What produced this output, for GenerationOutput.metadata and the saved file's comment."""
@@ -410,7 +329,7 @@ class WanPipeline:
     def encode_image(self, image: torch.Tensor, batch: int, height: int, width: int, num_frames: int):
         """The first frame as conditioning: (mask + normalised VAE latents [B, 4 + Z, T, h, w] fp32,
         CLIP penultimate tokens [B, 257, 1280] or None for Wan 2.2)."""
-        from dit_rt.models.image import clip_preprocess, resize_for_video
+        from dit_rt.image import clip_preprocess, resize_for_video
 
         frame = resize_for_video(image, height, width).to(self.device)  # [1, 3, H, W] in [-1, 1]
         video = torch.cat([frame.unsqueeze(2), frame.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
@@ -434,33 +353,10 @@ class WanPipeline:
     def image_encoder_dtype(self) -> torch.dtype:
         return next(self.image_encoder.parameters()).dtype
 
-    def _expert(self, t: torch.Tensor, g1: float, g2: float):
-        i, scale = (0, g1) if self.boundary_timestep is None or t >= self.boundary_timestep else (1, g2)
-        if self.park_experts:
-            self._make_resident(i)
-        return self.transformers[i], scale
-
-    def _make_resident(self, i: int) -> None:
-        """Move expert i to the compute device and the other one to host memory, if not already there."""
-        active, parked = self.transformers[i], self.transformers[1 - i]
-        if next(active.parameters()).device == self.device:
-            return
-        parked.to("cpu")
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        active.to(self.device)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents -> float32 frames (B, T, H, W, C) in [0, 1] on the CPU.
-
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [B, Z, T, h, w] -> float32 frames [B, T', H, W, 3] in [0, 1] on the device.
         Under parallel=, the ranks of a dp group (cfg x ulysses x ring) decode together, each its own
-        latent rows (dit_rt.parallel.vae); every rank of the group must call this with the same latents.
-        """
-        return self._decode(latents).cpu()
-
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        # [B, Z, T, h, w] -> [B, T', H, W, 3] float32 on the compute device
+        latent rows (dit_rt.parallel.vae)."""
         z = self.vae.denormalize_latents(latents.to(self.vae_dtype))
         with self.offload.use(self.vae):
             video = parallel_decode(self.vae, z, self.mesh.group("replica"))  # [B, C, T, H, W] in [-1, 1]

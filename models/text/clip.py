@@ -132,7 +132,7 @@ class CLIPVisionEmbeddings(nn.Module):
         if h != self.image_size or w != self.image_size:
             raise ValueError(
                 f"the image encoder takes {self.image_size}x{self.image_size} pixel_values, got {h}x{w}: "
-                "preprocess images with dit_rt.models.image.clip_preprocess"
+                "preprocess images with dit_rt.image.clip_preprocess"
             )
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # [B, D, H/p, W/p]
         x = x.flatten(2).transpose(1, 2)  # [B, N, D]

@@ -24,21 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dit_rt.cache.teacache import WAN_RULES
+from dit_rt.contract import BlockStack, CachePlan
 from dit_rt.ops import Attention, Linear, fused
-from dit_rt.ops.elementwise import (
-    add_layer_norm_modulate,
-    gated_residual,
-    layer_norm_modulate,
-    layer_norm_modulate_fp8,
-    qkv_norm_rope_fp8,
-    rms_norm_rope,
-    rms_norm_rope_fp8,
-)
-from dit_rt.ops.linear import Fp8Codes, gelu_ffn
-from dit_rt.ops.linear.fp8 import output_bound, quantize_act
-from dit_rt.ops.linear.triton_quant import quantize_bounded
-from dit_rt.parallel.sequence import SequencePlan
-from dit_rt.runner import BlockRunner
+from dit_rt.ops.elementwise import gated_residual, layer_norm_modulate, rms_norm_rope
+from dit_rt.ops.fused_ops import add_norm_into, attention_into, norm_into, qkv_norm_rope
+from dit_rt.ops.linear import gelu_ffn
+from dit_rt.parallel.sequence import Replicate, SequencePlan, Split
+from dit_rt.runner import BlockRunner, forward_seam
 
 
 @dataclass(frozen=True)
@@ -198,7 +191,7 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up, down = self.net[0], self.net[2]
         if up.approximate == "tanh" and isinstance(up.proj, Linear) and isinstance(down, Linear):
-            return gelu_ffn(up.proj, down, x)  # GELU fused into down's fp8 activation quantization
+            return gelu_ffn(up.proj, down, x)  # GELU fused into the GEMMs where the format allows it
         return self.net(x)
 
 
@@ -283,52 +276,6 @@ class ConditionEmbedder(nn.Module):
 # ------------------------------------------------------------------------------------------------ blocks
 
 
-def _takes_codes(linear: nn.Module, x: torch.Tensor) -> bool:
-    return isinstance(linear, Linear) and linear.takes_fp8_codes(x)
-
-
-def norm_into(linear: nn.Module, x: torch.Tensor, shift, scale1, eps: float):
-    """`layer_norm_modulate` of x for `linear`: as per-tensor fp8 codes when that Linear's format takes them
-    (its activation quantization then fuses into this pass), else in x's dtype. The codes carry a row-norm
-    bound: the self-attention's values get their scale from it (`SelfAttention`)."""
-    if _takes_codes(linear, x):
-        return layer_norm_modulate_fp8(x, shift, scale1, eps)
-    return layer_norm_modulate(x, shift, scale1, eps)
-
-
-def rms_norm_into(attn: Attention, x: torch.Tensor):
-    """`rms_norm_rope` for `attn`'s inputs: a variant returning per-tensor fp8 codes when its backend takes
-    them (fa3-fp8; its own amax and cast passes over q / k then disappear), else the plain one."""
-    if not (attn.takes_fp8_codes and x.is_cuda):
-        return rms_norm_rope
-
-    def to_codes(x, weight, eps, heads, cos=None, sin=None) -> Fp8Codes:
-        q, s = rms_norm_rope_fp8(x, weight, eps, heads, cos, sin)
-        return Fp8Codes(q, s, x.dtype)
-
-    return to_codes
-
-
-def v_codes(v: torch.Tensor, heads: int) -> Fp8Codes:
-    """Attention values [B, L, D] (a strided slice of a fused projection) as per-tensor e4m3 codes
-    [B, L, H, Dh]: one amax pass and one cast, as the attention would do itself, but with a scale the
-    caller knows, which bounds the attention's output (`out_codes`)."""
-    B, L, D = v.shape
-    q, s = quantize_act(v.reshape(B * L, D), "tensor", D)
-    return Fp8Codes(q.view(B, L, heads, D // heads), s, v.dtype)
-
-
-def out_codes(o: torch.Tensor, v_scales: list[torch.Tensor], o2: torch.Tensor | None = None) -> Fp8Codes:
-    """An attention output o [B, L, H, Dh] (plus a second one, o2, summed in: Wan I2V's text and image
-    attentions) as per-tensor codes for the output projection, in one pass without an amax: softmax
-    weights sum to 1, so |o| <= max|v| <= 448 s_v for fp8 values of scale s_v; the bound gets 1/8 of
-    headroom for FA3 rounding the softmax weights to e4m3."""
-    B, L = o.shape[:2]
-    bound = sum(v_scales) * (448.0 * 1.125)
-    q, s = quantize_bounded(o.reshape(B * L, -1), bound, None if o2 is None else o2.reshape(B * L, -1))
-    return Fp8Codes(q.view(B, L, -1), s, o.dtype)
-
-
 def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
     return x.unflatten(-1, (h, -1))  # [B, L, D] -> [B, L, H, Dh]
 
@@ -346,24 +293,12 @@ class SelfAttention(nn.Module):
         self.attn = Attention(head_dim=dim // heads)
 
     def forward(self, x: torch.Tensor, rope: RotaryFreqs) -> torch.Tensor:
-        nq, nk, h = self.norm_q, self.norm_k, self.heads
-        out, proj = self.to_out[0], self.to_qkv
-        if self.attn.takes_fp8_codes and isinstance(x, Fp8Codes) and out.takes_fp8_codes(x.q):
-            v_bound = output_bound(proj, x)  # |v| <= ||W_j|| ||x|| + |b_j|: no amax pass over v
-            if v_bound is not None:  # fp8 end to end: q, k, v in one pass over qkv (adding the bias), o too
-                qkv = proj(x, bias=False)  # [B, L, 3D]; the bias joins in the next pass
-                w, c, s = (nq.weight, nk.weight), rope.cos, rope.sin
-                q, k, v = qkv_norm_rope_fp8(qkv, *w, nq.eps, h, c, s, v_bound, proj.bias)
-                return out(out_codes(self.attn(q, k, v), [v.scale]))
-        q, k, v = self.to_qkv(x).chunk(3, dim=-1)  # [B, L, D] views of one [B, L, 3D] GEMM output
-        norm = rms_norm_into(self.attn, q)
-        q = norm(q, nq.weight, nq.eps, h, rope.cos, rope.sin)  # [B, L, H, Dh], one fused pass
-        k = norm(k, nk.weight, nk.eps, h, rope.cos, rope.sin)
-        if isinstance(q, Fp8Codes) and out.takes_fp8_codes(v):  # fp8 end to end: v and o as codes too
-            vq = v_codes(v, h)
-            return out(out_codes(self.attn(q, k, vq), [vq.scale]))
-        o = self.attn(q, k, _heads(v, h))  # [B, L, H, Dh]
-        return out(o.flatten(2))
+        out = self.to_out[0]
+        # to_qkv(x) -> whole-width RMSNorm of q and k, interleaved RoPE -> [B, L, H, Dh] each
+        q, k, v = qkv_norm_rope(
+            self.to_qkv, x, self.norm_q, self.norm_k, self.heads, rope, attn=self.attn, out=out
+        )
+        return attention_into(out, self.attn, q, [(k, v)])  # to_out(attention(q, k, v) as [B, L, D])
 
 
 class CrossAttention(nn.Module):
@@ -387,22 +322,16 @@ class CrossAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None
     ) -> torch.Tensor:
-        # q stays in the model dtype even under fa3-fp8: over 257-514 keys that backend runs bf16 (faster
-        # there than fp8, and exact); only the output projection's input becomes fp8 codes.
+        # q stays in the model dtype whatever the backend (plain `rms_norm_rope`, not the fused op): over
+        # 257-514 keys a low-precision attention gains nothing (see fa3.BF16_BELOW_KEYS).
         h = self.heads
         q = rms_norm_rope(self.to_q(x), self.norm_q.weight, self.norm_q.eps, h)  # [B, L, H, Dh], for both
         k, v = self.to_kv(context).chunk(2, dim=-1)  # [B, Lt, D] each
-        o = self.attn(q, _heads(self.norm_k(k), h), _heads(v, h))  # [B, L, H, Dh]
-        values, o_img = [v], None
+        kv = [(_heads(self.norm_k(k), h), _heads(v, h))]
         if self.add_kv is not None:
             k, v = self.add_kv(context_img).chunk(2, dim=-1)  # [B, Li, D] each
-            o_img = self.attn(q, _heads(self.norm_added_k(k), h), _heads(v, h))
-            values.append(v)
-        out = self.to_out[0]
-        if self.attn.takes_fp8_codes and out.takes_fp8_codes(o):  # fp8 end to end: o as bounded codes
-            # |o| <= max|v| per attention; the few text / image values cost nothing to measure
-            return out(out_codes(o, [v.abs().amax().float() / 448.0 for v in values], o_img))
-        return out((o if o_img is None else o + o_img).flatten(2))
+            kv.append((_heads(self.norm_added_k(k), h), _heads(v, h)))
+        return attention_into(self.to_out[0], self.attn, q, kv)  # text (+ image) attention, summed
 
 
 class WanBlock(nn.Module):
@@ -429,23 +358,22 @@ class WanBlock(nn.Module):
         # [B, 1, D] fp32 each, computed once per block.
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + tproj).chunk(6, dim=1)
 
-        # fp32 LayerNorm(x) * (1 + scale) + shift, in the model dtype for the next GEMM (one fused pass; fp8
-        # codes straight away when that GEMM is fp8 per-tensor).
+        # fp32 LayerNorm(x) * (1 + scale) + shift, one fused pass handing its result to the next GEMM in the
+        # form that GEMM takes (`dit_rt.ops.fused_ops`).
         y = self.attn1(norm_into(self.attn1.to_qkv, x, shift, 1 + scale, self.eps), rope)
 
         n = self.norm2
         if n is None:
             x = y = gated_residual(x, y, gate)  # x + y * gate in fp32
         else:  # the gated residual and the cross-attention's affine LayerNorm in one pass
-            x, y = add_layer_norm_modulate(
-                x, y, None, None, n.eps, gate=gate, weight=n.weight, bias=n.bias,
-                fp8=_takes_codes(self.attn2.to_q, x), row_norm=False,
+            x, y = add_norm_into(
+                self.attn2.to_q, x, y, None, None, n.eps, gate=gate, weight=n.weight, bias=n.bias,
+                row_norm=False,
             )  # fmt: skip
         # x + attn2(...) (no gate, model dtype, as the reference) and the FFN's LayerNorm in one pass
-        x, y = add_layer_norm_modulate(
-            x, self.attn2(y, context, context_img), c_shift, 1 + c_scale, self.eps,
-            fp8=_takes_codes(self.ffn.net[0].proj, x),
-        )  # fmt: skip
+        x, y = add_norm_into(
+            self.ffn.net[0].proj, x, self.attn2(y, context, context_img), c_shift, 1 + c_scale, self.eps
+        )
         return gated_residual(x, self.ffn(y), c_gate)
 
 
@@ -461,12 +389,26 @@ class WanTransformer(nn.Module):
     ckpt_key_map: ClassVar[tuple[tuple[str, str | None], ...]] = (
         (r"^blocks\.\d+\.attn2\.norm_added_q\.\w+$", None),
     )
-    # Sequence parallelism (applied from dit_rt.parallel): the runner call `runner(blocks, x, context,
-    # context_img, tproj, rope)` runs on token shards of x [B, L, D] (dim 1) and of the RoPE tables
-    # [L, 1, Dh/2] (dim 0); text / image context and tproj stay replicated; only attn1 attends over tokens.
-    sequence_plan: ClassVar[SequencePlan] = SequencePlan(
-        self_attention=("blocks.*.attn1.attn",), shard_args={1: 1, 5: 0}
+    # The block seam (dit_rt.contract): one stack, `runner(blocks, x, context, context_img, tproj, rope)`.
+    stacks: ClassVar[tuple[BlockStack, ...]] = (
+        BlockStack("blocks", carry=("x",), args=("context", "context_img", "tproj", "rope")),
     )
+    # TeaCache (the authors' Wan rules) measures the runner's `tproj`, or the time embedder's output `temb`.
+    cache_plan: ClassVar[CachePlan] = CachePlan(
+        runner_args={"tproj": "tproj"},
+        module_outputs={"temb": "condition_embedder.time_embedder"},
+        teacache=WAN_RULES,
+    )
+    # Sequence parallelism (applied from dit_rt.parallel): one stream, the video tokens x [B, L, D] split
+    # along dim 1 with their RoPE tables [L, 1, Dh/2] (dim 0); text / image context and tproj replicated;
+    # only attn1 attends over the tokens.
+    sequence_plan: ClassVar[SequencePlan] = SequencePlan(
+        inputs={
+            "x": Split("x"), "rope": Split("x", dim=0),
+            "context": Replicate(), "context_img": Replicate(), "tproj": Replicate(),
+        },
+        attention={"blocks.*.attn1.attn": ("x",)},
+    )  # fmt: skip
 
     def __init__(self, cfg: WanTransformerConfig):
         super().__init__()
@@ -511,6 +453,7 @@ class WanTransformer(nn.Module):
             raise ValueError(f"this Wan transformer {need}")
         return grid
 
+    @forward_seam
     def forward(
         self,
         x: torch.Tensor,

@@ -17,6 +17,7 @@ Why the code looks like this:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from torch import nn
 
 from dit_rt.ops.attention import attention
 from dit_rt.ops.elementwise import rms_norm_silu_
+from dit_rt.parallel.vae import RowSplit
 
 LATENTS_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -391,6 +393,9 @@ class WanVAE(nn.Module):
 
     keep_fp32: tuple[str, ...] = ()
     ckpt_key_map: tuple[tuple[str, str | None], ...] = ()
+    # Parallel decode over latent row stripes (dit_rt.parallel.vae): the 3x3 spatial convs take a halo of
+    # neighbouring rows; the mid block's attention over each frame's H*W positions sees the whole frame.
+    row_split: ClassVar[RowSplit] = RowSplit(halo=(CausalConv3d, nn.Conv2d), frame_global=(AttentionBlock,))
 
     def __init__(self, config: WanVAEConfig | None = None):
         super().__init__()

@@ -79,9 +79,10 @@ class Attention(nn.Module):
 
     @property
     def takes_fp8_codes(self) -> bool:
-        """Whether the installed backend takes q/k/v as `Fp8Codes` (per-tensor e4m3 from their producer)
-        as well as tensors: fa3-fp8, called directly (not through a sequence-parallel wrapper)."""
-        return getattr(self.op, "name", None) == "fa3-fp8"
+        """Whether the installed op takes q/k/v as `Fp8Codes` (per-tensor e4m3 from their producer) as
+        well as tensors: a backend declaring `takes_codes` (fa3-fp8), called directly (a sequence-parallel
+        wrapper declares nothing, so it gets tensors)."""
+        return getattr(self.op, "takes_codes", False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None):
         return self.op(q, k, v, scale)

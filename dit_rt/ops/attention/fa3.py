@@ -204,4 +204,4 @@ def fa3_fp8(
 
 
 FA3 = register_backend(AttentionBackend("fa3", fa3, _requires, _supports, auto_rank=10))
-FA3_FP8 = register_backend(AttentionBackend("fa3-fp8", fa3_fp8, _requires, _supports_fp8))
+FA3_FP8 = register_backend(AttentionBackend("fa3-fp8", fa3_fp8, _requires, _supports_fp8, takes_codes=True))

@@ -1,10 +1,11 @@
-"""FP8 (e4m3) quantization of attention inputs with real scales, for `fa3-fp8`.
+"""FP8 (e4m3) quantization of attention inputs with real scales, for `fa3-fp8` given model-dtype tensors.
 
 A raw cast to e4m3 clips at 448 and flushes small values; instead each (batch, head group) - or each
 (batch, head group, block of tokens) - gets descale = amax / 448, and x ~ data * descale. FA3 takes
 the per-(batch, kv head) descales directly. Plain torch costs ~0.5 ms per tensor at Wan 1.3B size
 (abs, amax, divide, cast: several full passes); the Triton path reads x twice (block amax, then
-quantize) and writes one byte per element. The QK-norm/RoPE kernel can later emit fp8 itself.
+quantize) and writes one byte per element. Inputs that arrive as `Fp8Codes` skip this: their producer
+(the QK-norm + RoPE kernel, `dit_rt.ops.fused_ops`) wrote e4m3 with a static per-tensor scale already.
 """
 
 from __future__ import annotations

@@ -84,6 +84,11 @@ class AttentionBackend:
     (out, lse) with lse float32 (B, H, Lq), the natural-log sum of exp(scale * q.k) over keys.
     auto_rank: position in `auto`'s preference (lower first); None: `auto` never picks it (lossy or
     unmeasured backends are only used when named).
+    lse: whether fn can return the log-sum-exp (Ring attention needs it).
+    takes_codes: whether fn also takes q/k/v as `Fp8Codes` (per-tensor e4m3 made by their producer, one
+    scale for every head): the fused ops in `dit_rt.ops.fused_ops` then hand it codes on CUDA instead of
+    model-dtype tensors. A wrapper around a backend (sequence parallelism) has no such attribute: it
+    takes tensors.
     """
 
     name: str
@@ -92,6 +97,7 @@ class AttentionBackend:
     supports: Callable[[torch.device, torch.dtype, int | None], Reason] = _anything
     auto_rank: int | None = None
     lse: bool = True
+    takes_codes: bool = False
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, return_lse=False

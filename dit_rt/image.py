@@ -1,5 +1,8 @@
 """Image inputs for image-to-video: loading, the VAE-side resize, CLIP preprocessing, the output size.
 
+The pipeline's input side (files, PIL, arrays -> tensors), beside `media.py`, its output side: `models/`
+holds the networks, which take the tensors made here.
+
 Reference behaviour (diffusers 0.42.1 `WanImageToVideoPipeline`, transformers 5.24.0 `CLIPImageProcessor`):
 
 - Video frame 0 (`resize_for_video`): diffusers' `VideoProcessor.preprocess(image, height, width)`. PIL

@@ -1,0 +1,121 @@
+"""Component builders keyed by the class name model_index.json gives each component, so that one builder
+serves every family that ships the class (the Wan VAE serves Wan and Cosmos; the T5 encoder Wan, FLUX and
+Cosmos).
+
+A builder reads the component's config and returns the model built on `meta`; `build_component` then
+streams the weights in (Invariant: build on meta, load with assign). Builders import their models lazily:
+`import dit_rt` stays light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dit_rt import loaders
+
+Builder = Callable[[Path], nn.Module]
+"""builder(component_folder) -> the model, built on the meta device from the folder's config."""
+
+_BUILDERS: dict[str, Builder] = {}
+
+
+def register_component(*class_names: str):
+    """Decorator: `builder` builds components whose model_index.json class name is one of these."""
+
+    def register(builder: Builder) -> Builder:
+        for name in class_names:
+            _BUILDERS[name] = builder
+        return builder
+
+    return register
+
+
+def component_class(index: dict, component: str) -> str | None:
+    """The class name model_index.json lists for `component` (["diffusers", "AutoencoderKLWan"]), or None."""
+    entry = index.get(component)
+    return entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+
+
+def build_component(
+    folder: Path,
+    index: dict,
+    component: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    linear_format: str | None = None,
+) -> nn.Module:
+    """The component `component` of the Hub-layout `folder`, weights loaded on `device` in `dtype`, in eval
+    mode without gradients. linear_format: the transformer's linear weight format (dit_rt.ops)."""
+    name = component_class(index, component)
+    builder = _BUILDERS.get(name)
+    if builder is None:
+        raise NotImplementedError(
+            f"{folder}: component {component!r} has class {name!r}, which dit_rt cannot build; "
+            f"known classes: {', '.join(sorted(_BUILDERS))}"
+        )
+    with torch.device("meta"):
+        model = builder(folder / component)
+    loaders.load_weights(
+        model,
+        folder / component,
+        device=device,
+        dtype=dtype,
+        linear_format=linear_format,
+        component=component,
+    )
+    return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------- builders
+
+
+@register_component("AutoencoderKLWan")
+def _wan_vae(folder: Path) -> nn.Module:
+    from dit_rt.models.wan import WanVAE, WanVAEConfig
+
+    return WanVAE(WanVAEConfig.from_config(loaders.read_config(folder)))
+
+
+@register_component("WanTransformer3DModel")
+def _wan_transformer(folder: Path) -> nn.Module:
+    from dit_rt.models.wan import WanTransformer, WanTransformerConfig
+
+    config = WanTransformerConfig.from_config(loaders.read_config(folder))
+    return WanTransformer(_clip_branch_from_keys(config, folder))
+
+
+@register_component("UMT5EncoderModel", "T5EncoderModel")
+def _t5_encoder(folder: Path) -> nn.Module:
+    from dit_rt.models.text import UMT5Config, UMT5Encoder
+
+    return UMT5Encoder(UMT5Config.from_config(loaders.read_config(folder)))
+
+
+@register_component("CLIPVisionModel")
+def _clip_vision(folder: Path) -> nn.Module:
+    from dit_rt.models.text import CLIPVisionConfig, CLIPVisionEncoder
+
+    return CLIPVisionEncoder(CLIPVisionConfig.from_config(loaders.read_config(folder)))
+
+
+def _clip_branch_from_keys(config, folder: Path):
+    """The weights decide whether a Wan transformer has the CLIP image branch (Wan 2.1 I2V) or not (Wan 2.2
+    I2V): Hub configs of the same model have been published both ways (spec A.1)."""
+    keys = loaders.scan(*loaders.find_weight_files(folder))
+    has_clip = any(".attn2.add_k_proj." in k for k in keys)
+    if has_clip and config.image_dim is None:
+        image_dim = keys["condition_embedder.image_embedder.norm1.weight"].shape[0]
+        return replace(
+            config,
+            image_dim=image_dim,
+            added_kv_proj_dim=config.num_attention_heads * config.attention_head_dim,
+        )
+    if not has_clip and config.image_dim is not None:
+        return replace(config, image_dim=None, added_kv_proj_dim=None)
+    return config
