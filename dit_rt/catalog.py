@@ -88,6 +88,7 @@ CATALOG: dict[str, Entry] = {
             "flux",
             "t2i",
             Defaults(1024, 1024, 1, 1, 28, 3.5),
+            implemented=True,
             constraints=FLUX1,
         ),
         Entry(

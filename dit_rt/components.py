@@ -82,6 +82,13 @@ def _wan_vae(folder: Path) -> nn.Module:
     return WanVAE(WanVAEConfig.from_config(loaders.read_config(folder)))
 
 
+@register_component("AutoencoderKL")
+def _autoencoder_kl(folder: Path) -> nn.Module:
+    from dit_rt.models.flux.vae import FluxVAE, FluxVAEConfig
+
+    return FluxVAE(FluxVAEConfig.from_config(loaders.read_config(folder)))
+
+
 @register_component("WanTransformer3DModel")
 def _wan_transformer(folder: Path) -> nn.Module:
     from dit_rt.models.wan import WanTransformer, WanTransformerConfig
@@ -90,11 +97,37 @@ def _wan_transformer(folder: Path) -> nn.Module:
     return WanTransformer(_clip_branch_from_keys(config, folder))
 
 
-@register_component("UMT5EncoderModel", "T5EncoderModel")
-def _t5_encoder(folder: Path) -> nn.Module:
-    from dit_rt.models.text import UMT5Config, UMT5Encoder
+@register_component("FluxTransformer2DModel")
+def _flux_transformer(folder: Path) -> nn.Module:
+    from dit_rt.models.flux import FluxTransformer, FluxTransformerConfig
 
-    return UMT5Encoder(UMT5Config.from_config(loaders.read_config(folder)))
+    return FluxTransformer(FluxTransformerConfig.from_config(loaders.read_config(folder)))
+
+
+def _t5_family(folder: Path, model_type: str) -> nn.Module:
+    # One code path for both: model_type ("umt5" / "t5") decides whether every block owns a relative-position
+    # bias table (UMT5, Wan) or block 0's is shared by all (T5 v1.1 for FLUX.1, T5-11B for Cosmos). The
+    # config's own model_type wins; the class name only fills it in when absent.
+    from dit_rt.models.text import T5Config, T5Encoder
+
+    return T5Encoder(T5Config.from_config({"model_type": model_type, **loaders.read_config(folder)}))
+
+
+@register_component("UMT5EncoderModel")
+def _umt5_encoder(folder: Path) -> nn.Module:
+    return _t5_family(folder, "umt5")
+
+
+@register_component("T5EncoderModel")
+def _t5_encoder(folder: Path) -> nn.Module:
+    return _t5_family(folder, "t5")
+
+
+@register_component("CLIPTextModel")
+def _clip_text(folder: Path) -> nn.Module:
+    from dit_rt.models.text import CLIPTextConfig, CLIPTextEncoder
+
+    return CLIPTextEncoder(CLIPTextConfig.from_config(loaders.read_config(folder)))
 
 
 @register_component("CLIPVisionModel")

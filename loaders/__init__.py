@@ -10,10 +10,11 @@ from dit_rt.loaders.hub import (
     resolve,
 )
 from dit_rt.loaders.load import LoadReport, build_and_load, load_weights
-from dit_rt.loaders.mapping import FORMATS, WAN_ORIGINAL, KeyMap, detect_format, map_key
+from dit_rt.loaders.mapping import FLUX_ORIGINAL, FORMATS, WAN_ORIGINAL, KeyMap, detect_format, map_key
 from dit_rt.loaders.safetensors_io import CheckpointError, find_weight_files, read_header, scan
 
 __all__ = [
+    "FLUX_ORIGINAL",
     "FORMATS",
     "WAN_ORIGINAL",
     "CheckpointError",

@@ -4,8 +4,9 @@ Plan first, allocate second: every header is parsed, keys are mapped and matched
 and dtypes are checked, and only then is device memory touched. Each tensor then goes file -> (pinned
 staging) -> device once and is cast there into its final dtype, one tensor at a time, so an fp32 checkpoint
 loaded as bf16 never holds more than one chunk in fp32 on the GPU. Fused projections (a `dit_rt.ops.Linear`
-with `sources`) get their sources copied into slices of one tensor. A Linear is converted to its weight format
-as soon as its last tensor lands, so peak memory stays near the final model size plus one layer.
+with `sources`) get their sources copied into slices of one tensor, or load whole from their own name where a
+format stores them fused. A Linear is converted to its weight format as soon as its last tensor lands, so
+peak memory stays near the final model size plus one layer.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dit_rt.loaders.mapping import KeyMap, compile_map, detect_format, map_key
+from dit_rt.loaders.mapping import KeyMap, compile_map, detect_format, map_key_transform
 from dit_rt.loaders.safetensors_io import (
     CheckpointError,
     PinnedStaging,
@@ -192,10 +193,13 @@ def load_weights(
     ignore_res = [re.compile(p) for p in ignore]
     by_name: dict[str, TensorInfo] = {}
     report = LoadReport(component, files)
+    transforms: dict[str, list[Callable]] = {}  # model name -> the tables' tensor transforms, in order
     for key, info in tensors.items():
-        name = key
+        name, fns = key, []
         for rules in tables:
-            name = map_key(rules, name) if name is not None else None
+            if name is not None:
+                name, fn = map_key_transform(rules, name)
+                fns += [fn] if fn is not None else []
         if name is None:
             report.ignored.append(key)
             continue
@@ -205,13 +209,18 @@ def load_weights(
                 f"({where})"
             )
         by_name[name] = info
+        if fns:
+            transforms[name] = fns
 
     # ---- match against the model (only tensors still on meta must be in the checkpoint)
     targets = _targets(model)
     wanted: dict[str, tuple[_Target, int, int]] = {}
     missing: list[str] = []
     for t in targets:
-        aliases = [t.sources] + [[(n, 0, -1)] for n in t.names[1:]]
+        # A fused Linear also loads whole from its own name: formats that store the projection fused
+        # (BFL's `qkv`, `linear1`) map to it directly.
+        whole = [[(t.names[0], 0, -1)]] if t.sources != [(t.names[0], 0, -1)] else []
+        aliases = [t.sources] + whole + [[(n, 0, -1)] for n in t.names[1:]]
         found = next((srcs for srcs in aliases if all(s[0] in by_name for s in srcs)), None)
         if found is None:
             if _is_meta(t):
@@ -243,7 +252,10 @@ def load_weights(
         for key, _, length in t.sources:
             want = t.shape if length < 0 else torch.Size((length, *t.shape[1:]))
             info = by_name[key]
-            if info.shape != tuple(want):
+            got = torch.empty(info.shape, dtype=info.dtype, device="meta")
+            for fn in transforms.get(key, ()):  # the shape the transforms make (conv1x1_as_linear changes it)
+                got = fn(got)
+            if tuple(got.shape) != tuple(want):
                 bad.append(
                     f"{info.name} ({info.file.name}): checkpoint {list(info.shape)}, model {list(want)}"
                 )
@@ -272,9 +284,12 @@ def load_weights(
             iter_staged(path, items, device, staging) if device.type == "cuda" else iter_mmap(path, items)
         )
         for info, src in stream:
-            t, off, length = wanted[model_key[id(info)]]
+            key = model_key[id(info)]
+            t, off, length = wanted[key]
             if t.value is None:
                 t.value = torch.empty(t.shape, dtype=t.dtype, device=device)
+            for fn in transforms.get(key, ()):
+                src = fn(src)
             (t.value if length < 0 else t.value[off : off + length]).copy_(src)
             report.tensors += 1
             report.bytes_read += info.nbytes

@@ -172,7 +172,7 @@ def test_cli_generate_and_info(tiny, tmp_path):
             "extension must be one of",
         ),
         (
-            ["generate", "--model", "flux.1-dev", "--prompt", "x", "-o", "x.png", "--device", "cpu"],
+            ["generate", "--model", "flux.2-dev", "--prompt", "x", "-o", "x.png", "--device", "cpu"],
             "not supported",
         ),
         (

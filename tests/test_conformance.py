@@ -1,6 +1,6 @@
 """Conformance: every runtime feature against the eager output, for every transformer at a tiny config (CPU).
 
-Each case is a transformer that follows `dit_rt.contract` (Wan T2V, Wan I2V, and a two-stream transformer
+Each case is a transformer that follows `dit_rt.contract` (Wan T2V, Wan I2V, FLUX.1, a two-stream transformer
 written only for this test: a double stack carrying (img, txt) with joint attention over [txt; img], then a
 single stack over their concatenation, as FLUX is built). A new family adds its tiny factory to CASES and
 gets every check: the contract's declarations, attention backends, linear formats, step caches at
@@ -30,6 +30,7 @@ from dit_rt.cache.teacache import FLUX_RULES
 from dit_rt.compile import apply_compile
 from dit_rt.contract import BlockStack, CachePlan, Transformer, block_stacks, check_transformer
 from dit_rt.graphs import apply_cuda_graphs
+from dit_rt.models.flux import FluxTransformer, FluxTransformerConfig
 from dit_rt.models.wan import WanTransformer, WanTransformerConfig
 from dit_rt.models.wan.transformer import RotaryFreqs, timestep_sinusoid
 from dit_rt.offload import apply_offload
@@ -210,10 +211,31 @@ def _two_stream():
     return model, (img, txt, torch.tensor([3.0, 700.0]))
 
 
+def _flux():
+    cfg = FluxTransformerConfig(
+        in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=3,
+        joint_attention_dim=12, pooled_projection_dim=10, axes_dims_rope=(2, 2, 4),
+    )  # fmt: skip
+    model = _randomize(FluxTransformer(cfg), 0)
+    g = torch.Generator().manual_seed(1)
+    li, lt = 7, 5  # odd lengths: both streams padded
+    img_ids = torch.stack([torch.zeros(li), torch.arange(li) // 3, torch.arange(li) % 3], dim=-1)
+    # ids as [B, L, 3] (the reference's deprecated form): dp / cfg split every input along the batch
+    x, ctx = torch.randn(2, li, 8, generator=g), torch.randn(2, lt, 12, generator=g)
+    pooled, t, guidance = (
+        torch.randn(2, 10, generator=g),
+        torch.tensor([0.003, 0.7]),
+        torch.tensor([3.5, 1.0]),
+    )
+    args = (x, ctx, pooled, t, img_ids.expand(2, li, 3), torch.zeros(2, lt, 3), guidance)
+    return model, args
+
+
 CASES: dict[str, Callable[[], tuple[nn.Module, tuple]]] = {
     "wan-t2v": lambda: _wan(image=False),
     "wan-i2v": lambda: _wan(image=True),
     "two-stream": _two_stream,
+    "flux": _flux,
 }
 
 

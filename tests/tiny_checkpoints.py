@@ -142,3 +142,141 @@ def make_wan_i2v(path: str | Path, *, wan22: bool = False):
     )
     pipe.save_pretrained(str(path), safe_serialization=True)
     return pipe
+
+
+# ------------------------------------------------------------------------------------------------ FLUX.1
+
+FLUX_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,  # 16 latent channels x 2x2 packing
+    num_layers=2,  # two double blocks: First-Block Cache skips the stack after block 0
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=TEXT_DIM,  # the T5 width
+    pooled_projection_dim=24,  # the CLIP width
+    guidance_embeds=True,
+    axes_dims_rope=(4, 6, 6),
+)
+FLUX_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 16, 16, 16),  # four levels: 8x downsampling, as FLUX.1's
+    layers_per_block=1,
+    latent_channels=16,
+    norm_num_groups=4,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+CLIP_TEXT = dict(
+    hidden_size=24,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=24,
+    # FLUX.1's CLIP config keeps the legacy ids (eos 2): the pooled row is then the argmax of the ids, which
+    # is `<|endoftext|>`, the largest id (as in the real vocabulary).
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+)
+CLIP_WORDS = ("a", "the", "cat", "dog", "and", "of", "in", "on", "with", "baking", "cake", "red", "photo")
+
+
+def make_clip_tokenizer():
+    """A small CLIP BPE tokenizer laid out like openai/clip-vit-large-patch14's: the 256 byte-level
+    characters, the same with `</w>`, merges spelling a few whole words, then the two special tokens (ids
+    last, so `<|endoftext|>` is the largest id)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab = chars + [c + "</w>" for c in chars]
+    merges = []
+    for word in CLIP_WORDS:
+        # merge left to right: "c a" -> "ca", "ca t</w>" -> "cat</w>"
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merge = (parts[0], parts[1])
+            if merge not in merges:
+                merges.append(merge)
+            parts = [merge[0] + merge[1]] + parts[2:]
+            if parts[0] not in vocab:
+                vocab.append(parts[0])
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=77)
+
+
+def make_clip_text(vocab_size: int, seed: int = 11):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return _randomize(CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, **CLIP_TEXT)).eval(), seed)
+
+
+def make_t5(seed: int = 12):
+    """A T5 v1.1 encoder (one relative-attention bias table, in layer 0) of the UMT5 test's size."""
+    from transformers import T5Config, T5EncoderModel
+
+    return _randomize(T5EncoderModel(T5Config(vocab_size=128, **UMT5)).eval(), seed)
+
+
+def make_t5_tokenizer():
+    from transformers import T5TokenizerFast
+
+    base = make_tokenizer()
+    return T5TokenizerFast(
+        tokenizer_object=base._tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def make_flux_transformer(seed: int = 13, **overrides):
+    from diffusers import FluxTransformer2DModel
+
+    return _randomize(FluxTransformer2DModel(**{**FLUX_TRANSFORMER, **overrides}).eval(), seed)
+
+
+def make_flux_vae(seed: int = 14):
+    from diffusers import AutoencoderKL
+
+    return _randomize(AutoencoderKL(**FLUX_VAE).eval(), seed, std=0.1)
+
+
+def make_flow_euler():
+    """FLUX.1-dev's scheduler config (dynamic shifting from the image token count)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
+def make_flux(path: str | Path):
+    """Write a tiny FLUX.1 text-to-image pipeline (FLUX.1-dev's layout: CLIP + T5 encoders, the 16-channel
+    AutoencoderKL, guidance-embedding transformer, dynamic-shift flow-match Euler)."""
+    from diffusers import FluxPipeline
+
+    clip_tokenizer = make_clip_tokenizer()
+    pipe = FluxPipeline(
+        scheduler=make_flow_euler(),
+        vae=make_flux_vae(),
+        text_encoder=make_clip_text(len(clip_tokenizer)),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=make_t5(),
+        tokenizer_2=make_t5_tokenizer(),
+        transformer=make_flux_transformer(),
+    )
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    return pipe

@@ -33,6 +33,7 @@ from torch import nn
 
 from dit_rt.cache.base import StepCache, can_reuse, carry_map
 from dit_rt.contract import block_stacks
+from dit_rt.ops.codes import Fp8Codes
 from dit_rt.runner import BlockRunner, Carry
 
 # (model, ret_steps) -> rescale polynomial, highest power first, as published by the TeaCache authors.
@@ -224,6 +225,8 @@ def make_teacache(
         module = model.get_submodule(plan.module_outputs[rule.signal])
 
         def probe(_module, _inputs, output):
+            if isinstance(output, Fp8Codes):  # a modulated input handed to an fp8 GEMM as its codes
+                output = output.q.float() * output.scale
             captured["s"] = output
 
         handles.append(module.register_forward_hook(probe))

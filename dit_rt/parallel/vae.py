@@ -11,6 +11,8 @@ reproduces it. Instead each rank keeps exactly its own rows at every layer:
   chunked temporal decode stays exact too.
 - the frame-global attention block gathers every rank's (already exact) rows, runs on the whole frame and
   keeps its own rows: its cost is replicated, but it runs once, at the latent resolution.
+- a norm whose statistics span the frame (GroupNorm, in the AutoencoderKL of FLUX and SD) is recomputed
+  from statistics all-reduced over the ranks: two small all-reduces of per-group sums, no rows move.
 Everything else in the decoder (channel RMS norms, SiLU, nearest upsampling, 1x1 and time-only convs) acts
 on each pixel column independently and needs nothing. A stripe of r latent rows is r * 2^k rows after k
 upsamplings, so row bookkeeping is a scale of the latent split.
@@ -40,11 +42,15 @@ class RowSplit:
     (the weight's kernel at dims [-2, -1], `stride` and `padding` as nn.Conv2d / Conv3d hold them); each
     gets the neighbours' padding-many boundary rows before it and drops them after. frame_global: module
     types whose output row depends on the whole frame (attention over H*W): each sees every rank's rows
-    gathered and keeps its own. decoder: the VAE attribute holding the decoder the hooks go on.
+    gathered and keeps its own. frame_stats: nn.GroupNorm types, normalized with the group statistics of the
+    whole frame (all-reduced; inside a frame_global module every rank holds the whole frame, and the
+    all-reduced counts make the statistics those of one frame again). decoder: the VAE attribute holding
+    the decoder the hooks go on.
     """
 
     halo: tuple[type[nn.Module], ...]
     frame_global: tuple[type[nn.Module], ...] = ()
+    frame_stats: tuple[type[nn.GroupNorm], ...] = ()
     decoder: str = "decoder"
 
 
@@ -136,6 +142,29 @@ class StripeDecode:
         scale = self._rows // self.sizes[self.rank]
         return out[..., self.start * scale : self.start * scale + self._rows, :]
 
+    # ---- frame-wide group statistics ----
+
+    def _group_norm_post(self, module: nn.GroupNorm, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        # The module's own output used this stripe's statistics; redo it with the frame's (float32).
+        x = args[0]
+        b, c, g = x.shape[0], x.shape[1], module.num_groups
+        xs = x.float().reshape(b, g, c // g, -1)  # [B, G, C/G, rows * W (* T)]
+        # Sums and the element count in one float64 all-reduce (counts pass 2^24 at 1024^2 on 8 ranks).
+        sums = xs.sum(dim=(2, 3), dtype=torch.float64).flatten()  # [B * G]
+        sums = torch.cat([sums, sums.new_full((1,), float(xs[0, 0].numel()))])
+        dist.all_reduce(sums, group=self.group)
+        count = sums[-1]
+        mean = (sums[:-1] / count).view(b, g, 1, 1).float()
+        centred = xs - mean  # two passes: no cancellation in E[x^2] - E[x]^2
+        var = centred.square().sum(dim=(2, 3), dtype=torch.float64)
+        dist.all_reduce(var, group=self.group)
+        y = centred * torch.rsqrt(var / count + module.eps).float()[:, :, None, None]
+        y = y.reshape(x.shape)
+        if module.affine:
+            shape = (1, c) + (1,) * (x.ndim - 2)
+            y = y * module.weight.float().view(shape) + module.bias.float().view(shape)
+        return y.to(out.dtype).contiguous(memory_format=self._format(out))
+
     @contextmanager
     def hooks(self, decoder: nn.Module, split: RowSplit):
         """Install the stripe hooks on `decoder`'s modules that `split` names, for the body."""
@@ -147,6 +176,8 @@ class StripeDecode:
             elif isinstance(m, split.frame_global):
                 handles.append(m.register_forward_pre_hook(self._attention_pre))
                 handles.append(m.register_forward_hook(self._attention_post))
+            elif isinstance(m, split.frame_stats):
+                handles.append(m.register_forward_hook(self._group_norm_post))
         try:
             yield self
         finally:
@@ -177,10 +208,11 @@ def parallel_decode(
 ) -> torch.Tensor:
     """`vae.decode(z)` with the latent rows split over the ranks of `group`; the whole video on every rank.
 
-    z: [B, Z, T, h, w] VAE-scale latents, the same on every rank of the group. Returns [B, 3, T', 8h, 8w]
-    in the VAE dtype, equal to the one-process decode (float rounding of differently shaped convs aside).
-    Without a group, with fewer latent rows than ranks, or for a VAE that declares no `row_split`, every
-    rank decodes the whole frame. chunk and channels_last as in `WanVAE.decode` (None: channels-last on CUDA).
+    z: [B, Z, T, h, w] (video VAEs) or [B, Z, h, w] (image VAEs) VAE-scale latents, the same on every rank
+    of the group. Returns [B, 3, T', 8h, 8w] (or [B, 3, 8h, 8w]) in the VAE dtype, equal to the one-process
+    decode (float rounding of differently shaped convs aside). Without a group, with fewer latent rows than
+    ranks, or for a VAE that declares no `row_split`, every rank decodes the whole frame. chunk and
+    channels_last as in the VAE's `decode` (None: channels-last on CUDA).
     """
     split: RowSplit | None = getattr(type(vae), "row_split", None)
     if (
@@ -192,12 +224,16 @@ def parallel_decode(
         return vae.decode(z, chunk=chunk, channels_last=channels_last)
     channels_last = z.is_cuda if channels_last is None else channels_last
     stripes = StripeDecode(group, z.shape[-2], channels_last=channels_last)
-    tiling, vae.tiling = vae.tiling, None  # tiles are blended, not exact: a stripe is decoded whole
+    # Tiles are blended, not exact: a stripe is decoded whole (a VAE without tiling has no attribute).
+    tiling = getattr(vae, "tiling", None)
+    if tiling is not None:
+        vae.tiling = None
     try:
         with stripes.hooks(getattr(vae, split.decoder), split):
             part = vae.decode(
                 stripes.stripe(z), chunk=chunk, channels_last=channels_last
-            )  # [B, 3, T', 8r, 8w]
+            )  # [B, 3, (T',) 8r, 8w]
     finally:
-        vae.tiling = tiling
+        if tiling is not None:
+            vae.tiling = tiling
     return stripes.gather(part)

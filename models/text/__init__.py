@@ -1,10 +1,21 @@
-"""Text encoders shared by the model families: T5/UMT5 (Wan, FLUX, Cosmos) and their tokenizer."""
+"""Text encoders shared by the model families: T5/UMT5 (Wan, FLUX, Cosmos), the CLIP towers (FLUX's text
+encoder, Wan I2V's image encoder), and their tokenizers."""
 
-from dit_rt.models.text.clip import CLIPVisionConfig, CLIPVisionEncoder
-from dit_rt.models.text.tokenizer import T5Tokenizer, prompt_clean, wan_text_embeddings
+from dit_rt.models.text.clip import (
+    CLIPTextConfig,
+    CLIPTextEncoder,
+    CLIPTextOutput,
+    CLIPVisionConfig,
+    CLIPVisionEncoder,
+)
+from dit_rt.models.text.tokenizer import CLIPTokenizer, T5Tokenizer, prompt_clean, wan_text_embeddings
 from dit_rt.models.text.umt5 import PRESETS, T5Config, T5Encoder, UMT5Config, UMT5Encoder
 
 __all__ = [
+    "CLIPTextConfig",
+    "CLIPTextEncoder",
+    "CLIPTextOutput",
+    "CLIPTokenizer",
     "CLIPVisionConfig",
     "CLIPVisionEncoder",
     "PRESETS",

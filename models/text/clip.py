@@ -1,7 +1,14 @@
-"""CLIP vision tower: Wan 2.1 image-to-video's `image_encoder` (OpenCLIP ViT-H/14, laion2B).
+"""CLIP towers: the vision tower of Wan 2.1 image-to-video's `image_encoder` (OpenCLIP ViT-H/14, laion2B)
+and the text tower of FLUX.1's `text_encoder` (OpenAI ViT-L/14). Both share the pre-LN layer.
 
-Module names equal the checkpoint keys of transformers' `CLIPVisionModelWithProjection` as stored on the Hub
-(`vision_model.embeddings.*`, `vision_model.encoder.layers.N.*`, ...), except the fused
+Text tower: module names equal the Hub `CLIPTextModel` keys (`text_model.embeddings.*`,
+`text_model.encoder.layers.N.*`, `text_model.final_layer_norm.*`), with the same fused `qkv_proj`. Its
+attention is causal and runs through `F.scaled_dot_product_attention(is_causal=True)` rather than the
+`dit_rt.ops` seam, whose (q, k, v, scale) contract has no mask; the encoder runs once per prompt on 77
+tokens, so kernel choice is moot. FLUX reads the pooled output: the final-normed state at the EOS token.
+
+Vision tower: module names equal the checkpoint keys of transformers' `CLIPVisionModelWithProjection` as
+stored on the Hub (`vision_model.embeddings.*`, `vision_model.encoder.layers.N.*`, ...), except the fused
 `self_attn.qkv_proj` (loaded from `q_proj`, `k_proj`, `v_proj`). `ckpt_key_map` also accepts the
 unprefixed keys that transformers 5 writes for a bare `CLIPVisionModel`, and drops `visual_projection`.
 
@@ -16,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +122,53 @@ PRESETS = {
 }  # fmt: skip
 
 
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """Hyper-parameters of a CLIP text tower, named as in the Hub `text_encoder/config.json`.
+
+    Defaults are OpenAI ViT-L/14 (FLUX.1): 12 layers of width 768, 12 heads of 64, 77 positions.
+    eos_token_id picks the pooling rule, as transformers does: the legacy value 2 (the FLUX.1 config)
+    pools at the largest input id (the EOS 49407 is the largest id in the vocabulary), any other value at
+    the first occurrence of that id.
+    """
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_attention_heads: int = 12
+    num_hidden_layers: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    eos_token_id: int = 2
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r}: expected one of {', '.join(_ACTIVATIONS)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_config(cls, config: dict) -> CLIPTextConfig:
+        """Read a transformers `CLIPTextConfig` dict, or a full `CLIPConfig` dict (its `text_config`)."""
+        model_type = config.get("model_type", "clip_text_model")
+        if model_type == "clip":
+            config = config["text_config"]
+        elif model_type != "clip_text_model":
+            raise ValueError(f"text encoder model_type {model_type!r}: expected 'clip_text_model' or 'clip'")
+        return cls(**{f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config})
+
+
+TEXT_PRESETS = {"clip-vit-l-14": CLIPTextConfig()}
+
+
 class CLIPVisionEmbeddings(nn.Module):
     """Patchify (conv, no bias), prepend the class token, add learned absolute positions."""
 
@@ -141,25 +195,30 @@ class CLIPVisionEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    """Bidirectional multi-head self-attention with biases on q, k, v and out; no mask."""
+    """Multi-head self-attention with biases on q, k, v and out: bidirectional through the attention seam
+    (vision), or causal through SDPA (text; see the module docstring). Scale 1/sqrt(head_dim)."""
 
-    def __init__(self, cfg: CLIPVisionConfig):
+    def __init__(self, cfg: CLIPVisionConfig | CLIPTextConfig, causal: bool = False):
         super().__init__()
-        self.heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.heads, self.head_dim, self.causal = cfg.num_attention_heads, cfg.head_dim, causal
         D = cfg.hidden_size
         self.qkv_proj = fused(D, D, sources=("q_proj", "k_proj", "v_proj"))
         self.out_proj = Linear(D, D)
-        self.attn = Attention(cfg.head_dim)  # default scale 1/sqrt(head_dim), as CLIP
+        self.attn = None if causal else Attention(cfg.head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, _ = x.shape
         q, k, v = self.qkv_proj(x).view(B, L, 3, self.heads, self.head_dim).unbind(2)  # 3 x [B, L, H, Dh]
-        out = self.attn(q, k, v)  # [B, L, H, Dh]
+        if self.causal:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, Dh]
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)  # [B, L, H, Dh]
+        else:
+            out = self.attn(q, k, v)  # [B, L, H, Dh]
         return self.out_proj(out.reshape(B, L, -1))
 
 
 class CLIPMLP(nn.Module):
-    def __init__(self, cfg: CLIPVisionConfig):
+    def __init__(self, cfg: CLIPVisionConfig | CLIPTextConfig):
         super().__init__()
         self.act = _ACTIVATIONS[cfg.hidden_act]
         self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
@@ -172,9 +231,9 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     """Pre-LN transformer layer: x + attn(LN1 x), then x + mlp(LN2 x)."""
 
-    def __init__(self, cfg: CLIPVisionConfig):
+    def __init__(self, cfg: CLIPVisionConfig | CLIPTextConfig, causal: bool = False):
         super().__init__()
-        self.self_attn = CLIPAttention(cfg)
+        self.self_attn = CLIPAttention(cfg, causal)
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -185,9 +244,9 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, cfg: CLIPVisionConfig):
+    def __init__(self, cfg: CLIPVisionConfig | CLIPTextConfig, causal: bool = False):
         super().__init__()
-        self.layers = nn.ModuleList([CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([CLIPEncoderLayer(cfg, causal) for _ in range(cfg.num_hidden_layers)])
 
 
 class CLIPVisionTransformer(nn.Module):
@@ -244,3 +303,68 @@ class CLIPVisionEncoder(nn.Module):
             x = self.runner(self.vision_model.encoder.layers[i : i + 1], x)
             out.append(x)
         return tuple(out)
+
+
+class CLIPTextEmbeddings(nn.Module):
+    """Token embedding plus learned absolute positions."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        n, most = input_ids.shape[1], self.position_embedding.num_embeddings
+        if n > most:
+            raise ValueError(f"the CLIP text encoder reads at most {most} tokens, got {n}")
+        return self.token_embedding(input_ids) + self.position_embedding.weight[:n]  # [B, L, D]
+
+
+class CLIPTextTransformer(nn.Module):
+    """`text_model.*`: embeddings, the causal layers, the final norm."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.embeddings = CLIPTextEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg, causal=True)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+class CLIPTextOutput(NamedTuple):
+    last_hidden_state: torch.Tensor  # [B, L, D], after the final norm
+    pooled: torch.Tensor  # [B, D], last_hidden_state at each prompt's EOS token
+
+
+class CLIPTextEncoder(nn.Module):
+    """CLIP text tower: token ids -> transformers' `CLIPTextModel` last_hidden_state and pooler_output."""
+
+    ckpt_key_map: ClassVar[tuple[tuple[str, str | None], ...]] = (
+        (r"position_ids$", None),  # a non-persistent buffer some older files still carry
+        # transformers 5 saves a bare CLIPTextModel without the `text_model.` prefix.
+        (r"^(embeddings|encoder|final_layer_norm)\.", r"text_model.\1."),
+    )
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.text_model = CLIPTextTransformer(cfg)
+        self.runner = BlockRunner()
+
+    def eos_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] ids -> [B] index of the token whose state is pooled (see `CLIPTextConfig`)."""
+        if self.cfg.eos_token_id == 2:
+            return input_ids.argmax(dim=-1)
+        # argmax returns the first maximum: the first EOS (padding may repeat the EOS id).
+        return (input_ids == self.cfg.eos_token_id).int().argmax(dim=-1)
+
+    def forward(self, input_ids: torch.Tensor) -> CLIPTextOutput:
+        """input_ids [B, L] int64, L <= max_position_embeddings (FLUX: 77, padded with EOS) -> CLIPTextOutput.
+
+        No padding mask, as FLUX calls it: the causal mask already keeps every real token from seeing the
+        padding after it.
+        """
+        tm = self.text_model
+        x = tm.embeddings(input_ids)  # [B, L, D]
+        x = tm.final_layer_norm(self.runner(tm.encoder.layers, x))
+        pooled = x[torch.arange(x.shape[0], device=x.device), self.eos_positions(input_ids).to(x.device)]
+        return CLIPTextOutput(x, pooled)

@@ -1,4 +1,5 @@
-"""T5/UMT5 tokenizer from the Hub `tokenizer/tokenizer.json` (the `tokenizers` library, no transformers),
+"""Tokenizers with the `tokenizers` library only (no transformers): T5/UMT5 from the Hub
+`tokenizer.json`, CLIP from `tokenizer.json` or, as FLUX.1-dev ships it, `vocab.json` + `merges.txt`;
 the Wan prompt cleaning, and Wan's text-embedding recipe.
 
 Prompt cleaning: diffusers (and Wan's own T5 wrapper) run `ftfy.fix_text` first. Its fixes of well-formed
@@ -18,9 +19,11 @@ import logging
 import re
 import unicodedata
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE
 
 log = logging.getLogger("dit_rt")
 
@@ -104,13 +107,14 @@ def prompt_clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-class T5Tokenizer:
-    """Encodes prompts as the Hub T5TokenizerFast does with `padding="max_length", truncation=True`.
+class _PaddedTokenizer:
+    """A `tokenizers.Tokenizer` called as transformers calls it with `padding="max_length",
+    truncation=True`: the special tokens come from the tokenizer's post-processor, and truncation keeps
+    room for them."""
 
-    The end-of-sequence `</s>` comes from tokenizer.json's post-processor; truncation keeps room for it.
-    """
+    default_max_length: ClassVar[int]
 
-    def __init__(self, tokenizer: Tokenizer, pad_token: str = "<pad>", padding_side: str = "right"):
+    def __init__(self, tokenizer: Tokenizer, pad_token: str, padding_side: str = "right"):
         pad_id = tokenizer.token_to_id(pad_token)
         if pad_id is None:
             raise ValueError(f"tokenizer has no pad token {pad_token!r}")
@@ -123,24 +127,11 @@ class T5Tokenizer:
             padding_side,
         )
 
-    @classmethod
-    def from_folder(cls, folder: str | Path) -> T5Tokenizer:
-        """Load `folder/tokenizer.json`, taking pad token and side from `tokenizer_config.json` if present."""
-        folder = Path(folder)
-        path = folder / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} not found: dit_rt needs the fast-tokenizer file (tokenizer.json)"
-            )
-        config = {}
-        if (folder / "tokenizer_config.json").is_file():
-            config = json.loads((folder / "tokenizer_config.json").read_text())
-        pad = config.get("pad_token", "<pad>")
-        pad = pad["content"] if isinstance(pad, dict) else pad  # older configs store an AddedToken dict
-        return cls(Tokenizer.from_file(str(path)), pad, config.get("padding_side", "right"))
+    def encode(self, prompts: list[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> input_ids [B, max_length] int64, attention_mask [B, max_length] int64 (1 = token).
 
-    def encode(self, prompts: list[str], max_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> input_ids [B, max_length] int64, attention_mask [B, max_length] int64 (1 = token)."""
+        max_length defaults to the class's `default_max_length` (T5: 512, CLIP: 77)."""
+        max_length = max_length or self.default_max_length
         tok = self.tokenizer
         tok.enable_truncation(max_length)
         tok.enable_padding(
@@ -164,6 +155,115 @@ class T5Tokenizer:
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
         return ids, mask
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _token_text(value) -> str | None:
+    return value["content"] if isinstance(value, dict) else value  # older configs store AddedToken dicts
+
+
+class T5Tokenizer(_PaddedTokenizer):
+    """Encodes prompts as the Hub T5TokenizerFast does with `padding="max_length", truncation=True`.
+
+    The end-of-sequence `</s>` comes from tokenizer.json's post-processor; truncation keeps room for it.
+    """
+
+    default_max_length = 512
+
+    def __init__(self, tokenizer: Tokenizer, pad_token: str = "<pad>", padding_side: str = "right"):
+        super().__init__(tokenizer, pad_token, padding_side)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> T5Tokenizer:
+        """Load `folder/tokenizer.json`, taking pad token and side from `tokenizer_config.json` if present."""
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: dit_rt needs the fast-tokenizer file (tokenizer.json)"
+            )
+        config = _read_json(folder / "tokenizer_config.json")
+        pad = _token_text(config.get("pad_token", "<pad>"))
+        return cls(Tokenizer.from_file(str(path)), pad, config.get("padding_side", "right"))
+
+
+# CLIP's pre-tokenizer split (what the original `clip.simple_tokenizer` regex keeps): the special tokens,
+# English contractions, letter runs, single digits, runs of other non-space symbols.
+_CLIP_SPLIT = (
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
+
+
+def build_clip_tokenizer(vocab: str | Path, merges: str | Path, *, bos: str, eos: str, unk: str) -> Tokenizer:
+    """CLIP's byte-level BPE from `vocab.json` + `merges.txt`, as transformers' CLIPTokenizer builds it.
+
+    Text is NFC-normalised, whitespace runs become one space, then lowercased; words are split by
+    `_CLIP_SPLIT`, mapped to byte-level characters, and BPE-merged with "</w>" marking the end of a word;
+    the post-processor wraps the ids as `bos ... eos`.
+    """
+    bpe = BPE.from_file(
+        str(vocab), str(merges), continuing_subword_prefix="", end_of_word_suffix="</w>", unk_token=unk
+    )
+    tok = Tokenizer(bpe)
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    ids = {t: bpe.token_to_id(t) for t in (bos, eos)}
+    if None in ids.values():
+        raise ValueError(f"{vocab}: the special tokens {bos!r} / {eos!r} are not in the vocabulary")
+    # Matched in the raw text before the split, so a prompt that spells one out gets its id.
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=True) for t in dict.fromkeys((bos, eos, unk))]
+    )
+    tok.post_processor = processors.RobertaProcessing(
+        (eos, ids[eos]), (bos, ids[bos]), trim_offsets=False, add_prefix_space=False
+    )
+    return tok
+
+
+class CLIPTokenizer(_PaddedTokenizer):
+    """Encodes prompts as transformers' CLIPTokenizer does with `padding="max_length", max_length=77,
+    truncation=True` (FluxPipeline's call): `<|startoftext|>`, at most 75 tokens, `<|endoftext|>`, then
+    the pad token (`<|endoftext|>` for OpenAI's ViT-L/14) up to 77."""
+
+    default_max_length = 77
+
+    def __init__(self, tokenizer: Tokenizer, pad_token: str = "<|endoftext|>", padding_side: str = "right"):
+        super().__init__(tokenizer, pad_token, padding_side)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> CLIPTokenizer:
+        """Load `folder/tokenizer.json` if present, else build the BPE from `vocab.json` + `merges.txt`
+        (FLUX.1-dev's `tokenizer/`); special tokens from `tokenizer_config.json` /
+        `special_tokens_map.json`."""
+        folder = Path(folder)
+        config = _read_json(folder / "special_tokens_map.json") | _read_json(folder / "tokenizer_config.json")
+        special = {
+            name: _token_text(config.get(f"{name}_token", default))
+            for name, default in (
+                ("bos", "<|startoftext|>"),
+                ("eos", "<|endoftext|>"),
+                ("unk", "<|endoftext|>"),
+            )
+        }
+        pad = _token_text(config.get("pad_token", special["eos"]))
+        if (folder / "tokenizer.json").is_file():
+            tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            tok = build_clip_tokenizer(folder / "vocab.json", folder / "merges.txt", **special)
+        else:
+            raise FileNotFoundError(f"{folder}: no tokenizer.json, nor vocab.json + merges.txt")
+        return cls(tok, pad, config.get("padding_side", "right"))
 
 
 @torch.no_grad()
