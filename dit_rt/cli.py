@@ -130,7 +130,7 @@ def _timed(what: str, t0: float) -> None:
 
 def cmd_generate(a: argparse.Namespace) -> int:
     import dit_rt
-    from dit_rt.checks import check_generation
+    from dit_rt.checks import check_generation, check_guidance
 
     kwargs = dict(
         negative_prompt=a.negative_prompt,
@@ -147,7 +147,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
         kwargs["image"] = a.image
     # Every argument is checked before the model is resolved, downloaded or loaded.
     _check_output(a.output)
-    checked = {k: v for k, v in kwargs.items() if k not in ("negative_prompt", "seed")}
+    if a.true_cfg_scale is not None:  # only FLUX pipelines take it
+        check_guidance("--true-cfg-scale", a.true_cfg_scale, 1.0)
+        kwargs["true_cfg_scale"] = a.true_cfg_scale
+    checked = {k: v for k, v in kwargs.items() if k not in ("negative_prompt", "seed", "true_cfg_scale")}
     check_generation(a.model, a.revision, fps=a.fps, **({"image": None} | checked))
     t0 = time.perf_counter()
     pipe = dit_rt.load(a.model, revision=a.revision, **_runtime_options(a))
@@ -295,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance-2", type=float, help=f"Wan 2.2 A14B: guidance of the low-noise expert ({CATALOG_DEFAULT})"
     )
     g.add_argument("--flow-shift", type=float, help=f"the scheduler's flow shift ({CATALOG_DEFAULT})")
+    g.add_argument(
+        "--true-cfg-scale",
+        type=float,
+        help="FLUX.1: true CFG with --negative-prompt, two passes a step (default 1: off)",
+    )
     g.add_argument("--seed", type=int, help="random seed (default: a random one, printed as `seed: N`)")
     g.add_argument("--fps", type=int, help=f"frame rate of the video file ({CATALOG_DEFAULT}, 16 for Wan)")
     g.add_argument("--image", help="conditioning image for image-to-video models")

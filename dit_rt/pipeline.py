@@ -231,6 +231,31 @@ class Pipeline:
     guidance = "from_uncond"
     park_experts = False
 
+    def start(self, folder, index: dict, options, entry=None) -> Callable[..., torch.nn.Module]:
+        """Set what every family sets first (`folder`, `options`, `entry`, `mesh`, `device`, `dtype`, `fsdp`
+        and the placements `host` and `sharded`) and return `build(component, dtype, linear_format=None, *,
+        to=host)`, which builds a component by its diffusers class name (dit_rt.components).
+
+        host: the device, or host memory with offload= (components then visit the device only while used).
+        sharded: host memory under FSDP (transformers and text encoders move to the GPU block by block as they
+        are sharded: a model larger than one GPU never sits on one whole), else `host`.
+        """
+        from dit_rt.components import build_component
+
+        self.folder, self.options, self.entry = folder, options, entry
+        self.mesh, self.device, self.dtype = options.mesh, options.device, options.dtype
+        self.fsdp = options.parallel is not None and options.parallel.fsdp
+        self.host = torch.device("cpu") if options.offload else self.device
+        self.sharded = torch.device("cpu") if self.fsdp else self.host
+
+        def build(component: str, dtype, linear_format=None, *, to=None):
+            to = self.host if to is None else to
+            return build_component(
+                folder, index, component, device=to, dtype=dtype, linear_format=linear_format
+            )
+
+        return build
+
     def expert_index(self, t: torch.Tensor) -> int:
         return 0
 

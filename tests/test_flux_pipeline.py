@@ -249,3 +249,15 @@ def test_flux_parallel_matches_one_process(flux, tmp_path):
     for rank in range(2):
         errors = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert all(e <= 1e-5 for e in errors.values()), f"rank {rank}: {errors}"
+
+
+def test_cli_true_cfg_scale(flux, tmp_path, monkeypatch):
+    from dit_rt import cli
+
+    folder = str(flux[0])
+    out = tmp_path / "x.png"
+    args = ["generate", "--model", folder, "--prompt", "a cat", "--negative-prompt", "blurry"]
+    args += ["--height", "32", "--width", "32", "--steps", "2", "--seed", "0", "-o", str(out)]
+    assert cli.main([*args, "--true-cfg-scale", "2"]) == 0 and out.is_file()
+    monkeypatch.setattr("dit_rt.load", lambda *a, **k: pytest.fail("loaded before the check"))
+    assert cli.main([*args, "--true-cfg-scale", "-1"]) == 2

@@ -19,7 +19,6 @@ import torch
 
 from dit_rt import checks
 from dit_rt.catalog import Defaults, Entry
-from dit_rt.components import build_component
 from dit_rt.offload import ComponentOffload
 from dit_rt.parallel.vae import parallel_decode
 from dit_rt.pipeline import (
@@ -96,18 +95,8 @@ class FluxPipeline(Pipeline):
         from dit_rt.models.text import CLIPTokenizer, T5Tokenizer
         from dit_rt.schedulers import FlowMatchEulerScheduler
 
-        self.folder, self.options, self.entry = folder, options, entry
-        self.mesh = options.mesh
-        device, dtype = options.device, options.dtype
-        self.device, self.dtype = device, dtype
-        host = torch.device("cpu") if options.offload else device
-        fsdp = options.parallel is not None and options.parallel.fsdp
-        sharded = torch.device("cpu") if fsdp else host
-
-        def build(component: str, dtype, linear_format=None, *, to=host):
-            return build_component(
-                folder, index, component, device=to, dtype=dtype, linear_format=linear_format
-            )
+        build = self.start(folder, index, options, entry)
+        device, dtype, fsdp, sharded = self.device, self.dtype, self.fsdp, self.sharded
 
         self.tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
         self.tokenizer_2 = T5Tokenizer.from_folder(folder / "tokenizer_2")

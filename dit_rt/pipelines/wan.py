@@ -17,7 +17,6 @@ import torch
 
 from dit_rt import checks
 from dit_rt.catalog import Defaults, Entry
-from dit_rt.components import build_component
 from dit_rt.offload import ComponentOffload
 from dit_rt.parallel.vae import parallel_decode
 from dit_rt.pipeline import (
@@ -73,23 +72,9 @@ class WanPipeline(Pipeline):
         from dit_rt.models.text import T5Tokenizer
         from dit_rt.schedulers import UniPCFlowScheduler
 
-        self.folder, self.options, self.entry = folder, options, entry
         self.i2v = index.get("_class_name") == "WanImageToVideoPipeline"
-        self.mesh = options.mesh
-        device, dtype = options.device, options.dtype
-        self.device, self.dtype = device, dtype
-
-        # With offload=, every component loads into host memory and visits the device only while used.
-        host = torch.device("cpu") if options.offload else device
-        # With FSDP, the transformers and the text encoder load into host memory and move to the GPU
-        # block by block as they are sharded: a model larger than one GPU never sits on one whole.
-        fsdp = options.parallel is not None and options.parallel.fsdp
-        sharded = torch.device("cpu") if fsdp else host
-
-        def build(component: str, dtype, linear_format=None, *, to=host):
-            return build_component(
-                folder, index, component, device=to, dtype=dtype, linear_format=linear_format
-            )
+        build = self.start(folder, index, options, entry)
+        device, dtype, fsdp, sharded = self.device, self.dtype, self.fsdp, self.sharded
 
         self.tokenizer = T5Tokenizer.from_folder(folder / "tokenizer")
         self.text_encoder = build("text_encoder", dtype, to=sharded)

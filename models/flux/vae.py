@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dit_rt.models.posterior import DiagonalGaussian
 from dit_rt.ops.attention import attention
 from dit_rt.parallel.vae import RowSplit
 
@@ -69,28 +70,6 @@ class FluxVAEConfig:
     def spatial_scale(self) -> int:
         """Pixels per latent along each side (8 for FLUX.1)."""
         return 2 ** (len(self.block_out_channels) - 1)
-
-
-@dataclass
-class DiagonalGaussian:
-    """The posterior `encode` returns, as diffusers' `latent_dist`. Shapes [B, Z, h, w]."""
-
-    mean: torch.Tensor
-    logvar: torch.Tensor  # clamped to [-30, 20]
-
-    @property
-    def std(self) -> torch.Tensor:
-        return torch.exp(0.5 * self.logvar)
-
-    def mode(self) -> torch.Tensor:
-        return self.mean
-
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """mean + std * eps, eps ~ N(0, 1) of the mean's shape and dtype, drawn on the generator's device
-        and moved to the mean's: the same draw as diffusers' `randn_tensor` for one generator."""
-        device = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps.to(self.mean.device)
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dit_rt.models.posterior import DiagonalGaussian as LatentDist
 from dit_rt.ops.attention import attention
 from dit_rt.ops.elementwise import rms_norm_silu_
 from dit_rt.parallel.vae import RowSplit
@@ -97,27 +98,6 @@ class VAETiling:
     min_width: int = 256
     stride_height: int = 192  # overlap = min - stride, linearly blended
     stride_width: int = 192
-
-
-@dataclass
-class LatentDist:
-    """Diagonal Gaussian posterior of `encode`, as the reference's `latent_dist`. Shapes [B, Z, T', h, w]."""
-
-    mean: torch.Tensor
-    logvar: torch.Tensor  # clamped to [-30, 20]
-
-    @property
-    def std(self) -> torch.Tensor:
-        return torch.exp(0.5 * self.logvar)
-
-    def mode(self) -> torch.Tensor:
-        return self.mean
-
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        # Same draw as diffusers' randn_tensor for one generator: noise on the generator's device.
-        device = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps.to(self.mean.device)
 
 
 @dataclass
