@@ -165,6 +165,28 @@ def randomize(module: torch.nn.Module, seed: int, std: float = 0.2, norm_std: fl
     return module
 
 
+def clip_bpe_vocab(words) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A small CLIP BPE vocabulary laid out like openai/clip-vit-large-patch14's: the 256 byte-level
+    characters, the same with `</w>`, merges spelling each of `words` left to right ("c a" -> "ca",
+    "ca t</w>" -> "cat</w>"), then the two special tokens (ids last: `<|endoftext|>` is the largest id, as
+    the pooling of FLUX.1's CLIP config needs). Returns (vocab, merges)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab, merges = chars + [c + "</w>" for c in chars], []
+    for word in words:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merge = (parts[0], parts[1])
+            if merge not in merges:
+                merges.append(merge)
+            parts = [merge[0] + merge[1]] + parts[2:]
+            if parts[0] not in vocab:
+                vocab.append(parts[0])
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(vocab)}, merges
+
+
 def tokenizer_json(words: tuple[str, ...] = ()) -> str:
     """A small SentencePiece-style Unigram tokenizer as `tokenizer.json` text (T5 conventions: pad 0, eos 1,
     unk 2, `</s>` appended): the special pieces, "▁" + each of `words`, then single characters."""

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
@@ -50,3 +51,17 @@ def test_bench_e2e_diagnose(tmp_path, capsys):
 def test_bench_e2e_rejects_unknown_runs(tmp_path):
     with pytest.raises(SystemExit, match="unknown"):
         bench_e2e.main(["--tiny", "--device", "cpu", "--runs", "nope", "--workdir", str(tmp_path)])
+
+
+def test_bench_e2e_flux_tiny(tmp_path):
+    """FLUX.1: packed latents [1, (H/16)(W/16), 64] go to both sides, the image comes back as one frame."""
+    rows = bench_e2e.main(
+        ["--tiny", "--device", "cpu", "--model", "flux.1-dev", "--steps", "2", "--workdir", str(tmp_path)]
+        + ["--runs", "ref,exact", "--seeds", "0"]
+    )
+    by_run = {r["run"]: r for r in rows}
+    assert set(by_run) == {"ref", "exact"}
+    assert 0 < by_run["exact"]["rel_l2"] < 1e-4 and by_run["exact"]["psnr_db"] > 80
+    frames = torch.load(next(tmp_path.glob("flux.1-dev-tiny/results-2steps/exact.seed0.pt")))
+    assert frames.shape == (1, 64, 96, 3)  # T = 1 at the tiny default 64 x 96
+    assert bench_e2e.FAMILIES["flux-t2i"].latent_shape(1024, 1024, 1) == (1, 4096, 64)

@@ -288,6 +288,8 @@ def test_attention_backends(case):
 
 # Relative L2 error vs the float32 output: the emulated formats' own error at these tiny widths.
 LINEAR_TOL = {"fp8-per-tensor": 0.1, "fp8-rowwise": 0.1, "fp8-blockwise": 0.1, "nvfp4": 0.4, "svdquant": 0.4}
+# At the tiny widths here svdquant's default rank (32) covers the whole input: rank 4 leaves a 4-bit residual.
+LINEAR_OPTS = {"svdquant": dict(rank=4)}
 
 
 @torch.no_grad()
@@ -295,9 +297,9 @@ LINEAR_TOL = {"fp8-per-tensor": 0.1, "fp8-rowwise": 0.1, "fp8-blockwise": 0.1, "
 def test_linear_formats(case, fmt):
     _, model, inputs, eager = case
     m = copy.deepcopy(model)
-    quantize_(m, fmt)
+    quantize_(m, fmt, **LINEAR_OPTS.get(fmt, {}))
     err = _rel(m(*inputs), eager)
-    assert 0 < err < LINEAR_TOL[fmt], f"{fmt}: relative error {err:.3g}"
+    assert 1e-3 < err < LINEAR_TOL[fmt], f"{fmt}: relative error {err:.3g}"  # quantized, within bounds
 
 
 CACHES = {

@@ -191,27 +191,13 @@ CLIP_WORDS = ("a", "the", "cat", "dog", "and", "of", "in", "on", "with", "baking
 
 
 def make_clip_tokenizer():
-    """A small CLIP BPE tokenizer laid out like openai/clip-vit-large-patch14's: the 256 byte-level
-    characters, the same with `</w>`, merges spelling a few whole words, then the two special tokens (ids
-    last, so `<|endoftext|>` is the largest id)."""
-    from tokenizers.pre_tokenizers import ByteLevel
+    """A small CLIP BPE tokenizer laid out like openai/clip-vit-large-patch14's (demo.clip_bpe_vocab)."""
     from transformers import CLIPTokenizer
 
-    chars = sorted(ByteLevel.alphabet())
-    vocab = chars + [c + "</w>" for c in chars]
-    merges = []
-    for word in CLIP_WORDS:
-        # merge left to right: "c a" -> "ca", "ca t</w>" -> "cat</w>"
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            merge = (parts[0], parts[1])
-            if merge not in merges:
-                merges.append(merge)
-            parts = [merge[0] + merge[1]] + parts[2:]
-            if parts[0] not in vocab:
-                vocab.append(parts[0])
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=77)
+    from dit_rt.demo import clip_bpe_vocab
+
+    vocab, merges = clip_bpe_vocab(CLIP_WORDS)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
 def make_clip_text(vocab_size: int, seed: int = 11):

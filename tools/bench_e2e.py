@@ -4,6 +4,7 @@ same checkpoint, same latents, and every run's frames against one float32 refere
     python tools/bench_e2e.py --model wan2.1-t2v-1.3b --steps 8 --out /tmp/e2e.json
     python tools/bench_e2e.py --model wan2.1-t2v-1.3b --steps 8 --runs ref          # later calls add runs
     python tools/bench_e2e.py --model wan2.1-i2v-14b-480p --steps 8 --frames 33
+    python tools/bench_e2e.py --model flux.1-dev --steps 8 --runs ref                # FLUX.1: 1024x1024
 
 1. A full-size random checkpoint in the Hub Diffusers layout is written once into `--workdir` (every
    component at its real configuration, written by the reference classes themselves; a small tokenizer).
@@ -17,7 +18,7 @@ same checkpoint, same latents, and every run's frames against one float32 refere
 
 Runs (`--runs`, comma separated; default: all that can run here):
   ref                 diffusers, everything float32 (the reference; TF32 off)
-  diffusers           diffusers bf16, VAE float32 (as the Wan model cards load it)
+  diffusers           diffusers bf16, VAE float32 (Wan model cards; FLUX.1: all bf16, as its card)
   diffusers-compile   + `transformer.compile_repeated_blocks(fullgraph=True)`
   diffusers-fp8       + torchao float8 dynamic activation / weight, rowwise scales, + regional compile
   cache-dit           diffusers bf16 + cache-dit's default DBCache (approximate: skips computation)
@@ -28,6 +29,10 @@ Runs (`--runs`, comma separated; default: all that can run here):
 and diffusers' bf16 outputs against float32 on identical inputs: where a run rounds where the other does not.
 `--tiny` uses the demo's tiny configurations (CPU smoke test of this script).
 New families add a `Family` entry (builder, diffusers pipeline class, latent shape).
+FLUX.1 (`--model flux.1-dev`): text-to-image; the latents are FluxPipeline's packed tokens
+[1, (H/16)(W/16), 64], the guidance is the embedded one (one transformer pass per step, no negative prompt),
+and the image comes out as a one-frame clip (T = 1) so that the error columns are the same. `--diagnose`
+covers the Wan families only.
 """
 
 from __future__ import annotations
@@ -65,6 +70,63 @@ UMT5_XXL = dict(
     layer_norm_epsilon=1e-6,
     tie_word_embeddings=False,
 )
+T5_V11_XXL = dict(  # FLUX.1's text_encoder_2 (spec C.2)
+    UMT5_XXL, vocab_size=32128, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0
+)
+CLIP_VIT_L_TEXT = dict(  # FLUX.1's text_encoder: the CLIP ViT-L/14 text tower (spec C.5)
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=768,
+    bos_token_id=0,  # the legacy ids of FLUX.1's config: the pooled row is the argmax of the ids
+    eos_token_id=2,
+    pad_token_id=1,
+)
+FLUX_TRANSFORMER = dict(  # FLUX.1-dev transformer/config.json (spec A.2)
+    patch_size=1,
+    in_channels=64,
+    out_channels=None,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=[16, 56, 56],
+)
+FLUX_VAE = dict(  # FLUX.1 vae/config.json (spec A.8.1)
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    latent_channels=16,
+    norm_num_groups=32,
+    act_fn="silu",
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    mid_block_add_attention=True,
+    sample_size=1024,
+    force_upcast=True,
+)
+FLUX_SCHEDULER = dict(  # FLUX.1-dev scheduler_config.json: the shift follows the image token count
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
 CLIP_VIT_H = dict(
     hidden_size=1280,
     intermediate_size=5120,
@@ -95,6 +157,17 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model
 
 
+def adaln_small_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """After `randomize_`: the adaLN modulation biases (`norm*.linear.bias`, which the name rule set to 1,
+    i.e. every gate 1 and every scale 2) back to N(0, 0.02), nearer adaLN-Zero's trained regime."""
+    g = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("linear.bias"):
+                p.normal_(0, 0.02, generator=g)
+    return model
+
+
 def small_tokenizer():
     """The demo's small Unigram tokenizer, wrapped so that both transformers and dit_rt load it."""
     from tokenizers import Tokenizer
@@ -110,12 +183,33 @@ def small_tokenizer():
     )
 
 
+def small_clip_tokenizer():
+    """A small CLIP BPE tokenizer spelling the prompt's words (dit_rt.demo.clip_bpe_vocab)."""
+    from transformers import CLIPTokenizer
+
+    from dit_rt.demo import clip_bpe_vocab
+
+    vocab, merges = clip_bpe_vocab(sorted(set(PROMPT.split())))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def small_t5_tokenizer():
+    """`small_tokenizer` as the T5TokenizerFast of FLUX.1's tokenizer_2 (pad 0, eos 1)."""
+    from transformers import T5TokenizerFast
+
+    return T5TokenizerFast(
+        tokenizer_object=small_tokenizer()._tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     pipeline: str  # the diffusers pipeline class
     build: Callable[[Path, str, bool, torch.device], None]  # (folder, alias, tiny, device)
     latent_shape: Callable[[int, int, int], tuple[int, ...]]  # (height, width, frames) -> one item's shape
     image: bool = False  # image-conditioned: a test picture goes with every call
+    still: bool = False  # one image per call (no num_frames, no negative prompt, `.images` -> T = 1)
+    vae: str | None = "AutoencoderKLWan"  # the VAE class diffusers' bf16 runs load in float32 (None: bf16)
 
 
 def _wan_latents(h: int, w: int, f: int) -> tuple[int, ...]:
@@ -172,9 +266,64 @@ def build_wan(folder: Path, alias: str, tiny: bool, device: torch.device) -> Non
     )
 
 
+def _flux_latents(h: int, w: int, f: int) -> tuple[int, ...]:
+    """FluxPipeline's packed latents: one 64-wide token per 2x2 patch of the [16, H/8, W/8] VAE latent."""
+    return (1, (h // 16) * (w // 16), 64)
+
+
+def build_flux(folder: Path, alias: str, tiny: bool, device: torch.device) -> None:
+    """A FLUX.1-dev pipeline at its real configuration (or tiny), random weights, saved by diffusers'
+    `save_pretrained`, every component bf16 as on the Hub (tiny: fp32); small CLIP and T5 tokenizers."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    transformer, vae, clip, t5 = (
+        dict(FLUX_TRANSFORMER),
+        dict(FLUX_VAE),
+        dict(CLIP_VIT_L_TEXT),
+        dict(T5_V11_XXL),
+    )
+    if alias.endswith("schnell"):
+        transformer["guidance_embeds"] = False
+    if tiny:  # the tests' tiny FLUX.1 (tests/tiny_checkpoints.py), written here so tools need no tests/
+        heads, head_dim = 2, 16
+        transformer |= dict(
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=head_dim,
+            num_attention_heads=heads,
+            joint_attention_dim=32,
+            pooled_projection_dim=24,
+            axes_dims_rope=[4, 6, 6],
+        )
+        vae |= dict(block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=4)
+        clip |= dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2)
+        clip |= dict(projection_dim=24)
+        t5 |= dict(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    clip_tokenizer = small_clip_tokenizer()
+    if tiny:
+        clip["vocab_size"] = len(clip_tokenizer)
+    bf16 = torch.float32 if tiny else torch.bfloat16
+    with torch.device(device):
+        parts = dict(
+            transformer=adaln_small_(randomize_(diffusers.FluxTransformer2DModel(**transformer), 1), 5).to(
+                bf16
+            ),
+            vae=randomize_(diffusers.AutoencoderKL(**vae), 2).to(bf16),
+            text_encoder=randomize_(CLIPTextModel(CLIPTextConfig(**clip)), 3).to(bf16),
+            text_encoder_2=randomize_(T5EncoderModel(T5Config(**t5)), 4).to(bf16),
+        )
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
+    pipe = diffusers.FluxPipeline(
+        scheduler=scheduler, tokenizer=clip_tokenizer, tokenizer_2=small_t5_tokenizer(), **parts
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+
+
 FAMILIES = {
     "wan-t2v": Family("WanPipeline", build_wan, _wan_latents),
     "wan-i2v": Family("WanImageToVideoPipeline", build_wan, _wan_latents, image=True),
+    "flux-t2i": Family("FluxPipeline", build_flux, _flux_latents, still=True, vae=None),
 }
 
 
@@ -221,7 +370,9 @@ class Job:
         return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
     def common(self) -> dict:
-        kw = dict(height=self.height, width=self.width, num_frames=self.frames, guidance_scale=self.guidance)
+        kw = dict(height=self.height, width=self.width, guidance_scale=self.guidance)
+        if not self.family.still:  # FLUX: one image, the guidance embedded in the transformer's input
+            kw["num_frames"] = self.frames
         if self.family.image:
             kw["image"] = test_image(self.height, self.width)
         return kw
@@ -245,8 +396,11 @@ def diffusers_pipe(job: Job, name: str):
     fp32 = name == "ref" or job.device.type != "cuda"
     dtype = torch.float32 if fp32 else torch.bfloat16
     cls = getattr(diffusers, job.family.pipeline)
-    vae = diffusers.AutoencoderKLWan.from_pretrained(job.folder / "vae", torch_dtype=torch.float32)
-    pipe = cls.from_pretrained(job.folder, vae=vae, torch_dtype=dtype).to(job.device)
+    extra = {}
+    if job.family.vae:  # Wan: the VAE in float32 beside a bf16 pipeline
+        vae_cls = getattr(diffusers, job.family.vae)
+        extra["vae"] = vae_cls.from_pretrained(job.folder / "vae", torch_dtype=torch.float32)
+    pipe = cls.from_pretrained(job.folder, torch_dtype=dtype, **extra).to(job.device)
     pipe.set_progress_bar_config(disable=True)
     if name == "diffusers-fp8":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
@@ -262,6 +416,15 @@ def diffusers_pipe(job: Job, name: str):
         cache_dit.enable_cache(pipe)
 
     def generate(latents: torch.Tensor, steps: int) -> torch.Tensor:
+        if job.family.still:
+            out = pipe(
+                prompt=PROMPT,
+                latents=latents.to(job.device),
+                num_inference_steps=steps,
+                output_type="pt",
+                **job.common(),
+            ).images  # [B, C, H, W] in [0, 1]
+            return out[0].permute(1, 2, 0).unsqueeze(0).float().cpu()  # one frame: [1, H, W, C]
         out = pipe(
             prompt=PROMPT,
             negative_prompt=job.negative,
@@ -293,7 +456,7 @@ def dit_rt_pipe(job: Job, name: str):
     def generate(latents: torch.Tensor, steps: int) -> torch.Tensor:
         out = pipe.generate(
             PROMPT,
-            job.negative,
+            None if job.family.still else job.negative,
             latents=latents,
             num_inference_steps=steps,
             progress_bar=False,
@@ -403,6 +566,9 @@ def diagnose(job: Job) -> dict:
 
     import dit_rt
 
+    if job.family.still:
+        raise SystemExit("--diagnose: Wan families only for now (FLUX.1: tools/bench_flux.py per component)")
+
     def rel(a, b):
         a, b = a.double().cpu(), b.double().cpu()
         return ((a - b).norm() / b.norm()).item()
@@ -504,7 +670,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         device,
         a.height or (64 if a.tiny else d.height),
         a.width or (96 if a.tiny else d.width),
-        a.frames or (9 if a.tiny else d.num_frames),
+        1 if family.still else a.frames or (9 if a.tiny else d.num_frames),
         a.steps,
         d.guidance_scale if a.guidance is None else a.guidance,
         [int(s) for s in a.seeds.split(",")],
