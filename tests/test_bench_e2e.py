@@ -65,3 +65,23 @@ def test_bench_e2e_flux_tiny(tmp_path):
     frames = torch.load(next(tmp_path.glob("flux.1-dev-tiny/results-2steps/exact.seed0.pt")))
     assert frames.shape == (1, 64, 96, 3)  # T = 1 at the tiny default 64 x 96
     assert bench_e2e.FAMILIES["flux-t2i"].latent_shape(1024, 1024, 1) == (1, 4096, 64)
+
+
+def test_random_weights_follow_module_types():
+    """Norm scales 1, everything else random: adaLN modulation Linears (`norm1.linear`, named like norms)
+    must stay random, and the Wan VAE's [C, 1, 1, 1] RMS scales must be 1."""
+    import diffusers
+    import torch
+    from bench_wan import randomize_
+
+    flux = diffusers.FluxTransformer2DModel(
+        num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=[4, 6, 6], in_channels=16,
+    )  # fmt: skip
+    p = dict(randomize_(flux, 0).named_parameters())
+    assert p["transformer_blocks.0.norm1.linear.weight"].std() > 0.1
+    assert p["transformer_blocks.0.norm1.linear.bias"].abs().max() < 0.2
+    assert torch.equal(p["transformer_blocks.0.attn.norm_q.weight"], torch.ones(16))
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1)
+    gammas = [t for n, t in randomize_(vae, 0).named_parameters() if n.endswith("gamma")]
+    assert gammas and all(bool((t == 1).all()) for t in gammas)

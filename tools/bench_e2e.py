@@ -53,7 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling tools when imported by the tests
 
 from bench_wan import VAE as WAN_VAE  # noqa: E402
-from bench_wan import _hub_config  # noqa: E402
+from bench_wan import _hub_config, randomize_  # noqa: E402
 
 PROMPT = "a cat and a dog baking a cake in a sunny kitchen"
 UMT5_XXL = dict(
@@ -141,31 +141,6 @@ CLIP_VIT_H = dict(
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Realistic scales: N(0, 1/fan_in) matrices, N(0, 0.02) vectors, unit norm weights; never zeros."""
-    g = torch.Generator(next(model.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("gamma"):  # norm scales, incl. the Wan VAE's [C, 1, 1, 1]
-                p.fill_(1.0)
-            elif p.ndim == 1:
-                p.normal_(0, 0.02, generator=g)
-            else:
-                p.normal_(0, p[0].numel() ** -0.5, generator=g)
-    return model
-
-
-def adaln_small_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """After `randomize_`: the adaLN modulation biases (`norm*.linear.bias`, which the name rule set to 1,
-    i.e. every gate 1 and every scale 2) back to N(0, 0.02), nearer adaLN-Zero's trained regime."""
-    g = torch.Generator(next(model.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("linear.bias"):
-                p.normal_(0, 0.02, generator=g)
-    return model
 
 
 def small_tokenizer():
@@ -306,9 +281,7 @@ def build_flux(folder: Path, alias: str, tiny: bool, device: torch.device) -> No
     bf16 = torch.float32 if tiny else torch.bfloat16
     with torch.device(device):
         parts = dict(
-            transformer=adaln_small_(randomize_(diffusers.FluxTransformer2DModel(**transformer), 1), 5).to(
-                bf16
-            ),
+            transformer=randomize_(diffusers.FluxTransformer2DModel(**transformer), 1).to(bf16),
             vae=randomize_(diffusers.AutoencoderKL(**vae), 2).to(bf16),
             text_encoder=randomize_(CLIPTextModel(CLIPTextConfig(**clip)), 3).to(bf16),
             text_encoder_2=randomize_(T5EncoderModel(T5Config(**t5)), 4).to(bf16),

@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling tools when imported by the tests
 
 import bench_wan  # noqa: E402
-from bench_e2e import FLUX_TRANSFORMER, FLUX_VAE, adaln_small_  # noqa: E402
-from bench_wan import parse_fast, rel  # noqa: E402
+from bench_e2e import FLUX_TRANSFORMER, FLUX_VAE  # noqa: E402
+from bench_wan import parse_fast, randomize_, rel  # noqa: E402
 
 TINY_TRANSFORMER = dict(
     FLUX_TRANSFORMER,
@@ -63,18 +63,6 @@ def timed(fn, warmup: int, iters: int, device: torch.device) -> tuple[float, tor
         out = fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times), out
-
-
-def randomize(model: torch.nn.Module, seed: int, device: torch.device) -> None:
-    """bench_wan's weights (N(0, 1/fan_in) matrices, unit norm scales) on the GPU, bench_e2e's rule
-    elsewhere; then adaLN modulation biases N(0, 0.02) (the name rule would make every gate 1)."""
-    if device.type == "cuda":
-        bench_wan.randomize_(model, seed)
-    else:
-        from bench_e2e import randomize_
-
-        randomize_(model, seed)
-    adaln_small_(model, seed + 100)
 
 
 def fresh(device: torch.device) -> None:
@@ -143,7 +131,7 @@ def bench_transformer(
     def build(attention: str) -> FluxTransformer:
         """Same random weights every time (fixed seed)."""
         model = built(lambda: FluxTransformer(cfg), dtype, device)
-        randomize(model, 0, device)
+        randomize_(model, 0)
         set_attention(model, attention, device=device, dtype=dtype)
         return model
 
@@ -269,7 +257,7 @@ def bench_vae(a: argparse.Namespace, device: torch.device, dtype: torch.dtype) -
     z = torch.randn(1, 16, h, w, generator=torch.Generator(device).manual_seed(2), device=device).to(dtype)
     fresh(device)
     ours = built(lambda: FluxVAE(FluxVAEConfig.from_config(config)), dtype, device)
-    randomize(ours, 0, device)
+    randomize_(ours, 0)
     reset_peak(device)  # the peaks below: weights + one decode's activations
     with torch.no_grad():
         ms, out = timed(lambda: ours.decode(z), a.warmup, a.iters, device)

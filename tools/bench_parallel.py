@@ -24,7 +24,9 @@ import json
 import os
 import re
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -39,6 +41,9 @@ from dit_rt.parallel import (
     shard_blocks,
 )
 from dit_rt.parallel.vae import parallel_decode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling tools
+from bench_wan import randomize_  # noqa: E402
 
 WAN14B = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, text_dim=4096)
 VAE = dict(
@@ -60,19 +65,6 @@ def parse_mode(mode: str) -> ParallelConfig:
                 raise SystemExit(f"mode {mode!r}: parts are dp<N>, cfg<N>, ulysses<N>, ring<N> joined by 'x'")
             degrees[m.group(1)] = int(m.group(2))
     return ParallelConfig(**degrees)
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """N(0, 1/fan_in) matrices, unit norm scales, small biases; the same values on every rank (same seed)."""
-    g = torch.Generator(next(model.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if (p.ndim == 1 and "norm" in name) or name.endswith("gamma"):
-                p.fill_(1.0)
-            elif p.ndim == 1:
-                p.normal_(0, 0.02, generator=g)
-            else:
-                p.normal_(0, p[0].numel() ** -0.5, generator=g)
 
 
 def build_model(cls, config, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:

@@ -62,18 +62,23 @@ def timed(fn, warmup: int, iters: int) -> tuple[float, torch.Tensor]:
     return statistics.median(times), out
 
 
-def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Weights with realistic scales: N(0, 1/fan_in) matrices, unit norms; never zeros."""
-    g = torch.Generator("cuda").manual_seed(seed)
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Weights with realistic scales, never zeros: the scales of normalization modules (any class whose name
+    holds "Norm": LayerNorm, GroupNorm, RMSNorm and the families' own) 1, other vectors N(0, 0.02), matrices
+    and convolutions N(0, 1/fan_in). Decided by module type, not by name: adaLN modulation layers
+    (`norm1.linear`) are ordinary Linears and stay random. The same seed gives the same values anywhere."""
+    g = torch.Generator(next(model.parameters()).device).manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
-                p.fill_(1.0)
-            elif p.ndim == 1:
-                p.normal_(0, 0.02, generator=g)
-            else:
-                fan_in = p[0].numel() if p.ndim > 1 else p.numel()
-                p.normal_(0, fan_in**-0.5, generator=g)
+        for module in model.modules():
+            is_norm = "Norm" in type(module).__name__ or "norm" in type(module).__name__
+            for name, p in module.named_parameters(recurse=False):
+                if is_norm and name in ("weight", "gamma", "scale"):
+                    p.fill_(1.0)
+                elif p.ndim == 1:
+                    p.normal_(0, 0.02, generator=g)
+                else:
+                    p.normal_(0, p[0].numel() ** -0.5, generator=g)
+    return model
 
 
 def fresh():
