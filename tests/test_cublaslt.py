@@ -158,7 +158,7 @@ def test_epilogue_gemm_is_an_opaque_op_under_compile():
     # compile relies on.)
     args = (a, w, codes.scale, s, up.bias.detach(), s, True)
     torch.library.opcheck(
-        cublaslt._gemm_gelu_op, args, test_utils=("test_faketensor", "test_autograd_registration")
+        cublaslt._gemm_gelu_op.op, args, test_utils=("test_faketensor", "test_autograd_registration")
     )
     graphs = []
 

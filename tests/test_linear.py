@@ -483,7 +483,7 @@ def test_linear_gelu_epilogue_is_an_opaque_op():
     from dit_rt.ops.linear import _linear_gelu_tanh
 
     x, w, b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(6)
-    torch.library.opcheck(_linear_gelu_tanh, (x, w, b))
+    torch.library.opcheck(_linear_gelu_tanh.op, (x, w, b))
     graphs = []
 
     def backend(gm, example_inputs):

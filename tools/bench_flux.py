@@ -261,6 +261,8 @@ def bench_vae(a: argparse.Namespace, device: torch.device, dtype: torch.dtype) -
     reset_peak(device)  # the peaks below: weights + one decode's activations
     with torch.no_grad():
         ms, out = timed(lambda: ours.decode(z), a.warmup, a.iters, device)
+        if a.profile and device.type == "cuda":
+            bench_wan.profile(lambda: ours.decode(z), "flux vae decode")
     peak = peak_gib(device)
     flops = ours.decode_flops(tuple(z.shape))
     out_ours = out.float().cpu()
@@ -272,10 +274,27 @@ def bench_vae(a: argparse.Namespace, device: torch.device, dtype: torch.dtype) -
     reset_peak(device)
     with torch.no_grad():
         ref_ms, ref_out = timed(lambda: ref.decode(z, return_dict=False)[0], a.warmup, a.iters, device)
+        if a.profile and device.type == "cuda":
+            bench_wan.profile(lambda: ref.decode(z, return_dict=False)[0], "diffusers vae decode")
     ref_peak = peak_gib(device)
-    err = rel(out_ours, ref_out.float().cpu())
+    out_ref = ref_out.float().cpu()
+    err = rel(out_ours, out_ref)
     ref = ref_out = None
     fresh(device)
+    fp32 = {}
+    if a.fp32_ref:  # diffusers float32 (cuDNN / matmul TF32 off) on the same weights and latent
+        flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            ref = built(lambda: AutoencoderKL(**config), torch.float32, device)
+            ref.load_state_dict(state, strict=True)
+            with torch.no_grad():
+                out32 = ref.decode(z.float(), return_dict=False)[0].float().cpu()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+        ref = None
+        fresh(device)
+        fp32 = dict(rel_err_vs_fp32=rel(out_ours, out32), diffusers_rel_err_vs_fp32=rel(out_ref, out32))
     return dict(
         model=f"vae-decode-{str(dtype).removeprefix('torch.')}",
         latent=f"16x{h}x{w}",
@@ -286,6 +305,7 @@ def bench_vae(a: argparse.Namespace, device: torch.device, dtype: torch.dtype) -
         peak_gib=peak,
         diffusers_peak_gib=ref_peak,
         rel_err_vs_diffusers=err,
+        **fp32,
     )
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from dit_rt.ops.codes import Fp8Codes
+from dit_rt.ops.custom import kernel_op
 
 E4M3 = torch.float8_e4m3fn
 
@@ -267,7 +268,7 @@ def _ln_launch(x, shift, scale1, eps, qinv, residual, gate=None) -> tuple[torch.
     return out, total
 
 
-@torch.library.custom_op("dit_rt::ln_modulate", mutates_args=())
+@kernel_op("dit_rt::ln_modulate", mutates_args=())
 def _ln_modulate_cuda(
     x: torch.Tensor,
     shift: torch.Tensor | None,
@@ -283,7 +284,7 @@ def _(x, shift, scale1, eps, qinv=None):
     return torch.empty(x.shape, device=x.device, dtype=x.dtype if qinv is None else E4M3)
 
 
-@torch.library.custom_op("dit_rt::add_ln_modulate", mutates_args=())
+@kernel_op("dit_rt::add_ln_modulate", mutates_args=())
 def _add_ln_modulate_cuda(
     x: torch.Tensor,
     residual: torch.Tensor,
@@ -418,7 +419,7 @@ def _codes(y: torch.Tensor, qinv: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------- gated residual
 
 
-@torch.library.custom_op("dit_rt::gated_residual", mutates_args=())
+@kernel_op("dit_rt::gated_residual", mutates_args=())
 def _gated_residual_cuda(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     triton, kernel = _kernels()[0], _kernels()[2]
     B, L, D = x.shape
@@ -446,7 +447,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
 # ---------------------------------------------------------------------------------------- RMSNorm + RoPE
 
 
-@torch.library.custom_op("dit_rt::rms_norm_rope", mutates_args=())
+@kernel_op("dit_rt::rms_norm_rope", mutates_args=())
 def _rms_norm_rope_cuda(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -584,7 +585,7 @@ def rms_norm_rope_fp8(
 # ---------------------------------------------------------------------------------------- fused q, k, v codes
 
 
-@torch.library.custom_op("dit_rt::qkv_norm_rope_fp8", mutates_args=())
+@kernel_op("dit_rt::qkv_norm_rope_fp8", mutates_args=())
 def _qkv_fp8_cuda(
     qkv: torch.Tensor,
     wq: torch.Tensor,
@@ -666,7 +667,7 @@ def _frames_rows(t: torch.Tensor) -> bool:
     return t.stride()[1:] == (1, H * W * C, W * C, C)
 
 
-@torch.library.custom_op("dit_rt::rms_norm_silu", mutates_args=("out",))
+@kernel_op("dit_rt::rms_norm_silu", mutates_args=("out",))
 def _rms_norm_silu_cuda(x: torch.Tensor, gamma: torch.Tensor, eps: float, out: torch.Tensor) -> None:
     triton, kernel = _kernels()[0], _kernels()[4]
     B, C, T, H, W = x.shape

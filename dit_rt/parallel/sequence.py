@@ -57,6 +57,7 @@ from torch import nn
 
 from dit_rt.contract import BlockStack, block_stacks
 from dit_rt.ops.attention import Attention, AttentionBackend
+from dit_rt.ops.custom import kernel_op
 from dit_rt.parallel.mesh import ParallelMesh
 from dit_rt.parallel.ring import ring_attention
 from dit_rt.parallel.split import ShardLayout, gather_streams, shard_streams
@@ -190,7 +191,7 @@ class SequenceParallelAttention:
         return ring_attention(q, k, v, scale, group=self.ring_group, backend=self.base, valid_len=valid)
 
 
-@torch.library.custom_op("dit_rt::sequence_parallel_attention", mutates_args=())
+@kernel_op("dit_rt::sequence_parallel_attention", mutates_args=())
 def _opaque_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, handle: int
 ) -> torch.Tensor:

@@ -312,7 +312,13 @@ class FluxSingleBlock(nn.Module):
         y = self.qkv_mlp(self.norm.norm(x, shift, 1 + scale, self.qkv_mlp))  # [B, L, 3D + M]
         q, k, v, mlp = y.split([D, D, D, y.shape[-1] - 3 * D], dim=-1)
         o = self.attn(q, k, v, rope)  # [B, L, D]
-        return gated_residual(x, self.proj_out(torch.cat([o, F.gelu(mlp, approximate="tanh")], dim=-1)), gate)
+        if torch.compiler.is_compiling():  # inductor fuses the GELU into the concatenation itself
+            joint = torch.cat([o, F.gelu(mlp, approximate="tanh")], dim=-1)
+        else:  # eager: the GELU writes its half of [attention; GELU(MLP)] in place, no second copy of it
+            joint = y.new_empty(*y.shape[:-1], D + mlp.shape[-1])  # [B, L, D + M]
+            torch.ops.aten.gelu.out(mlp, approximate="tanh", out=joint[..., D:])
+            joint[..., :D] = o
+        return gated_residual(x, self.proj_out(joint), gate)
 
 
 # ------------------------------------------------------------------------------------------------ model

@@ -24,6 +24,7 @@ from torch import nn
 
 from dit_rt.models.posterior import DiagonalGaussian
 from dit_rt.ops.attention import attention
+from dit_rt.ops.group_norm import GroupNorm
 from dit_rt.parallel.vae import RowSplit
 
 GN_EPS = 1e-6
@@ -73,7 +74,7 @@ class FluxVAEConfig:
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=GN_EPS, affine=True)
+    return GroupNorm(groups, channels, eps=GN_EPS, affine=True)  # Triton channels-last path on CUDA
 
 
 class ResnetBlock2D(nn.Module):

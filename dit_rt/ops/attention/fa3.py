@@ -26,6 +26,7 @@ from dit_rt.ops.attention.registry import (
 )
 from dit_rt.ops.attention.sdpa import math_attention
 from dit_rt.ops.codes import Fp8Codes
+from dit_rt.ops.custom import kernel_op
 
 FP8 = (torch.float8_e4m3fn,)
 MODULES = ("flash_attn_interface", "fa3_fwd_interface")
@@ -122,7 +123,7 @@ def call_fa3(
     return out, lse
 
 
-@torch.library.custom_op("dit_rt::fa3_fwd", mutates_args=(), device_types="cuda")
+@kernel_op("dit_rt::fa3_fwd", mutates_args=(), device_types="cuda")
 def fa3_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -162,7 +163,7 @@ def _(q, k, v, scale, q_descale=None, k_descale=None, v_descale=None):
 
 def fa3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, return_lse: bool) -> Result:
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, lse = torch.ops.dit_rt.fa3_fwd(q, k, v, scale)
+    out, lse = fa3_fwd(q, k, v, scale)
     return (out, lse) if return_lse else out
 
 
@@ -198,7 +199,7 @@ def fa3_fp8(
         return fa3(q, k, v, scale, return_lse)
     heads_kv = k.shape[2]
     (fq, sq), (fk, sk), (fv, sv) = (fp8_operand(x, heads_kv) for x in (q, k, v))
-    out, lse = torch.ops.dit_rt.fa3_fwd(fq, fk, fv, scale, sq, sk, sv)
+    out, lse = fa3_fwd(fq, fk, fv, scale, sq, sk, sv)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 

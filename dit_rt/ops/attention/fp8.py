@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dit_rt.ops.custom import kernel_op
+
 E4M3_MAX = 448.0
 _TINY = 1e-12  # an all-zero group still gets a finite descale
 
@@ -130,7 +132,7 @@ def _quantize_triton(x: torch.Tensor, num_scales: int, block: int | None) -> Fp8
     return Fp8Tensor(y, descale, block)
 
 
-@torch.library.custom_op("dit_rt::fp8_quantize_heads", mutates_args=())
+@kernel_op("dit_rt::fp8_quantize_heads", mutates_args=())
 def _quantize_triton_op(x: torch.Tensor, num_scales: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     t = _quantize_triton_eager(x, num_scales, block or None)
     return t.data, t.descale

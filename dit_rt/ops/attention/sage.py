@@ -22,6 +22,7 @@ from dit_rt.ops.attention.registry import (
     register_backend,
 )
 from dit_rt.ops.attention.sdpa import math_attention
+from dit_rt.ops.custom import kernel_op
 
 HEAD_DIMS = (64, 96, 128)
 Q_BLOCK, K_BLOCK = 128, 64  # the token blocks that share one int8 scale in sageattention 1.0.6
@@ -65,7 +66,7 @@ def call_sage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     return mod.sageattn(q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=scale, smooth_k=False)
 
 
-@torch.library.custom_op("dit_rt::sage_fwd", mutates_args=(), device_types="cuda")
+@kernel_op("dit_rt::sage_fwd", mutates_args=(), device_types="cuda")
 def sage_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     return call_sage(q, k, v, scale).contiguous()
 
@@ -98,7 +99,7 @@ def _(q, k, v, scale):
 
 def sage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, return_lse: bool) -> Result:
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.ops.dit_rt.sage_fwd(q, k, v, scale)
+    return sage_fwd(q, k, v, scale)
 
 
 SAGE = register_backend(AttentionBackend("sage", sage, _requires, _supports, lse=False))

@@ -23,6 +23,7 @@ from dit_rt.ops.attention.registry import (
     optional_import,
     register_backend,
 )
+from dit_rt.ops.custom import kernel_op
 
 
 @functools.cache
@@ -101,7 +102,7 @@ def call_trtllm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     return out.view(b, length, heads, d)
 
 
-@torch.library.custom_op("dit_rt::trtllm_fwd", mutates_args=(), device_types="cuda")
+@kernel_op("dit_rt::trtllm_fwd", mutates_args=(), device_types="cuda")
 def trtllm_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     return call_trtllm(q, k, v, scale).contiguous()
 
@@ -115,7 +116,7 @@ def trtllm(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, return_lse: bool
 ) -> Result:
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.ops.dit_rt.trtllm_fwd(q, k, v, scale)
+    return trtllm_fwd(q, k, v, scale)
 
 
 TRTLLM = register_backend(AttentionBackend("trtllm", trtllm, _requires, _supports, lse=False))

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dit_rt.ops.codes import Fp8Codes
+from dit_rt.ops.custom import kernel_op
 from dit_rt.ops.linear import triton_quant
 from dit_rt.ops.linear.base import FLOAT_DTYPES, LinearFormat
 from dit_rt.ops.linear.fp8 import Fp8Blockwise, Fp8PerTensor, Fp8Rowwise, gelu_ffn
@@ -184,7 +185,7 @@ class Linear(nn.Module):
         return F.gelu(self(x), approximate="tanh")
 
 
-@torch.library.custom_op("dit_rt::linear_gelu_tanh", mutates_args=())
+@kernel_op("dit_rt::linear_gelu_tanh", mutates_args=())
 def _linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """GELU-tanh(x W^T + b) with the bias and GELU in cuBLASLt's epilogue. A custom op so that compiled
     blocks keep the epilogue: inductor would decompose `_addmm_activation` into a GEMM and a separate

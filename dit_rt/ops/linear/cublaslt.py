@@ -29,6 +29,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from dit_rt.ops.custom import kernel_op
 from dit_rt.ops.linear.base import capability
 
 E4M3 = torch.float8_e4m3fn
@@ -218,7 +219,7 @@ def emulate(a, w, scale_a, scale_w, bias, out_scale) -> torch.Tensor:
     return (F.gelu(h, approximate="tanh") * out_scale.float()).clamp(-448.0, 448.0).to(E4M3)
 
 
-@torch.library.custom_op("dit_rt::fp8_gemm_gelu", mutates_args=())
+@kernel_op("dit_rt::fp8_gemm_gelu", mutates_args=())
 def _gemm_gelu_op(
     a: torch.Tensor,
     w: torch.Tensor,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dit_rt.ops.custom import kernel_op
 from dit_rt.ops.linear import cublaslt, triton_quant
 from dit_rt.ops.linear.base import LinearFormat, capability, pad2d, round_up, slice_rows
 
@@ -86,7 +87,7 @@ def _scaled_mm(a, b, scale_a, recipe_a: str, scale_b, recipe_b: str, bias, out_d
     return _scaled_mm_op(a, b, scale_a, recipe_a, scale_b, recipe_b, bias, out_dtype, fast_accum)
 
 
-@torch.library.custom_op("dit_rt::fp8_scaled_mm", mutates_args=())
+@kernel_op("dit_rt::fp8_scaled_mm", mutates_args=())
 def _scaled_mm_op(
     a: torch.Tensor,
     b: torch.Tensor,

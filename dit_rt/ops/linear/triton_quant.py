@@ -21,6 +21,8 @@ import importlib.util
 
 import torch
 
+from dit_rt.ops.custom import kernel_op
+
 # Whether Triton is installed, decided without importing it: a constant torch.compile reads instead of
 # tracing the kernel build (the kernels are built inside the custom op below, out of dynamo's sight).
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -159,7 +161,7 @@ def quantize(x: torch.Tensor, mode: str, k_pad: int, m_pad: int | None = None, g
     return _quantize_op(x, mode, k_pad, m_pad or 0, gelu)
 
 
-@torch.library.custom_op("dit_rt::fp8_quantize_act", mutates_args=())
+@kernel_op("dit_rt::fp8_quantize_act", mutates_args=())
 def _quantize_op(
     x: torch.Tensor, mode: str, k_pad: int, m_pad: int, gelu: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +233,7 @@ def quantize_bounded(
     return _quantize_bounded_op(x, bound.reshape(1).float(), y, gelu, bias)
 
 
-@torch.library.custom_op("dit_rt::fp8_quantize_bounded", mutates_args=())
+@kernel_op("dit_rt::fp8_quantize_bounded", mutates_args=())
 def _quantize_bounded_op(
     x: torch.Tensor, bound: torch.Tensor, y: torch.Tensor | None, gelu: bool, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
