@@ -97,6 +97,7 @@ CATALOG: dict[str, Entry] = {
             "flux2",
             "t2i",
             Defaults(1024, 1024, 1, 1, 50, 4.0),
+            implemented=True,
             constraints=FLUX2,
         ),
         Entry(
@@ -106,6 +107,7 @@ CATALOG: dict[str, Entry] = {
             "v2w",
             Defaults(704, 1280, 93, 16, 36, 7.0, negative_prompt=COSMOS_NEGATIVE),
             revision="diffusers/base/post-trained",
+            implemented=True,
             constraints=COSMOS25,
         ),
         Entry(
@@ -114,6 +116,7 @@ CATALOG: dict[str, Entry] = {
             "cosmos",
             "v2w",
             Defaults(704, 1280, 93, 16, 35, 7.0, negative_prompt=COSMOS_NEGATIVE),
+            implemented=True,
             constraints=COSMOS2_V2W,
         ),
         Entry(
@@ -122,6 +125,7 @@ CATALOG: dict[str, Entry] = {
             "cosmos",
             "v2w",
             Defaults(704, 1280, 93, 16, 35, 7.0, negative_prompt=COSMOS_NEGATIVE),
+            implemented=True,
             constraints=COSMOS2_V2W,
         ),
         Entry(
@@ -130,6 +134,7 @@ CATALOG: dict[str, Entry] = {
             "cosmos",
             "t2i",
             Defaults(768, 1360, 1, 1, 35, 7.0, negative_prompt=COSMOS_NEGATIVE),
+            implemented=True,
             constraints=COSMOS2_T2I,
         ),
         Entry(
@@ -138,6 +143,7 @@ CATALOG: dict[str, Entry] = {
             "cosmos",
             "t2i",
             Defaults(768, 1360, 1, 1, 35, 7.0, negative_prompt=COSMOS_NEGATIVE),
+            implemented=True,
             constraints=COSMOS2_T2I,
         ),
         Entry(
@@ -146,6 +152,7 @@ CATALOG: dict[str, Entry] = {
             "cosmos",
             "t2w",
             Defaults(704, 1280, 121, 30, 36, 7.0, negative_prompt=COSMOS_NEGATIVE),
+            implemented=True,
             constraints=COSMOS1,
         ),
     ]

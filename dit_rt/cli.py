@@ -231,12 +231,17 @@ def cmd_info(a: argparse.Namespace) -> int:
     for name, spec in meta.items():
         if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
             continue
+        if name == "safety_checker":  # Cosmos' guardrail: never loaded, so not checked either
+            print(f"  {name:14} {spec[1]!s:28} not run (dit_rt runs no guardrail)")
+            continue
         try:
             detail = _component_summary(folder / name)
         except CheckpointError as e:
             detail = "corrupt (see the error below)"
             problems.append(str(e))
         print(f"  {name:14} {spec[1]!s:28} {detail}")
+    if str(meta.get("_class_name")).startswith("Cosmos"):
+        print("  guardrail: none (dit_rt does not run NVIDIA's Cosmos safety checker)")
     for p in problems:
         print(f"dit-rt: error: {p}", file=sys.stderr)
     return 2 if problems else 0

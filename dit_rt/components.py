@@ -152,3 +152,54 @@ def _clip_branch_from_keys(config, folder: Path):
     if not has_clip and config.image_dim is not None:
         return replace(config, image_dim=None, added_kv_proj_dim=None)
     return config
+
+
+# FLUX.2
+
+
+@register_component("Flux2Transformer2DModel")
+def _flux2_transformer(folder: Path) -> nn.Module:
+    from dit_rt.models.flux import Flux2Transformer, Flux2TransformerConfig
+
+    return Flux2Transformer(Flux2TransformerConfig.from_config(loaders.read_config(folder)))
+
+
+@register_component("AutoencoderKLFlux2")
+def _flux2_vae(folder: Path) -> nn.Module:
+    from dit_rt.models.flux.vae2 import Flux2VAE, Flux2VAEConfig
+
+    return Flux2VAE(Flux2VAEConfig.from_config(loaders.read_config(folder)))
+
+
+@register_component("Mistral3ForConditionalGeneration")
+def _mistral3_text(folder: Path) -> nn.Module:
+    # FLUX.2-dev's text encoder: the language stack up to its last output layer (models/text/mistral.py).
+    from dit_rt.models.text.mistral import build_from_folder
+
+    return build_from_folder(folder)
+
+
+# Cosmos
+
+
+@register_component("CosmosTransformer3DModel")
+def _cosmos_transformer(folder: Path) -> nn.Module:
+    from dit_rt.models.cosmos.transformer import build_from_folder
+
+    return build_from_folder(folder)
+
+
+@register_component("Qwen2_5_VLForConditionalGeneration")
+def _qwen_text(folder: Path) -> nn.Module:
+    # Cosmos-Predict2.5's text encoder: only the language stack is built (models/text/qwen.py).
+    from dit_rt.models.text.qwen import build_from_folder
+
+    return build_from_folder(folder)
+
+
+@register_component("AutoencoderKLCosmos")
+def _cosmos_tokenizer(folder: Path) -> nn.Module:
+    # Cosmos-1.0's continuous video tokenizer (CV8x8x8; models/cosmos/tokenizer.py).
+    from dit_rt.models.cosmos.tokenizer import build_from_folder
+
+    return build_from_folder(folder)

@@ -230,6 +230,10 @@ class Pipeline:
 
     guidance = "from_uncond"
     park_experts = False
+    # Components whose block linears take linear= and whose blocks stream under offload="block" (the memory
+    # check before loading reads them; FLUX.2 adds its text encoder to both).
+    quantized_components: tuple[str, ...] = ("transformer", "transformer_2")
+    streamed_components: tuple[str, ...] = ("transformer", "transformer_2")
 
     def start(self, folder, index: dict, options, entry=None) -> Callable[..., torch.nn.Module]:
         """Set what every family sets first (`folder`, `options`, `entry`, `mesh`, `device`, `dtype`, `fsdp`
@@ -240,8 +244,17 @@ class Pipeline:
         sharded: host memory under FSDP (transformers and text encoders move to the GPU block by block as they
         are sharded: a model larger than one GPU never sits on one whole), else `host`.
         """
+        from dit_rt import loaders, memory
         from dit_rt.components import build_component
 
+        memory.check_fits(  # before any weight is read: a clear error naming what would fit
+            folder,
+            loaders.pipeline_components(index),
+            options,
+            name=entry.alias if entry else str(folder),
+            quantized=self.quantized_components,
+            streamed=self.streamed_components,
+        )
         self.folder, self.options, self.entry = folder, options, entry
         self.mesh, self.device, self.dtype = options.mesh, options.device, options.dtype
         self.fsdp = options.parallel is not None and options.parallel.fsdp

@@ -77,12 +77,25 @@ def _read_json(path: Path) -> dict:
         raise ResolveError(f"{path}: unreadable JSON ({type(e).__name__}: {e})") from None
 
 
+# Components dit_rt never runs: NVIDIA's Cosmos guardrail (a separate model and package). A folder loads
+# whether or not it ships one, and a download never fetches it.
+SKIPPED_COMPONENTS = ("safety_checker",)
+SKIPPED_LIBRARIES = ("cosmos_guardrail",)
+
+
 def pipeline_components(index: dict) -> list[str]:
-    """Components a pipeline uses: model_index entries of the form [library, class] with a class."""
+    """Components a pipeline uses: model_index entries of the form [library, class] with a class, less the
+    guardrail (SKIPPED_COMPONENTS / SKIPPED_LIBRARIES)."""
     return [
         k
         for k, v in index.items()
-        if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] and v[1]
+        if not k.startswith("_")
+        and isinstance(v, list)
+        and len(v) == 2
+        and v[0]
+        and v[1]
+        and k not in SKIPPED_COMPONENTS
+        and v[0] not in SKIPPED_LIBRARIES
     ]
 
 

@@ -1,6 +1,7 @@
 """Conformance: every runtime feature against the eager output, for every transformer at a tiny config (CPU).
 
-Each case is a transformer that follows `dit_rt.contract` (Wan T2V, Wan I2V, FLUX.1, a two-stream transformer
+Each case is a transformer that follows `dit_rt.contract` (Wan T2V, Wan I2V, FLUX.1, FLUX.2 with reference
+tokens, Cosmos with one timestep per item and with per-frame timesteps, a two-stream transformer
 written only for this test: a double stack carrying (img, txt) with joint attention over [txt; img], then a
 single stack over their concatenation, as FLUX is built). A new family adds its tiny factory to CASES and
 gets every check: the contract's declarations, attention backends, linear formats, step caches at
@@ -30,7 +31,13 @@ from dit_rt.cache.teacache import FLUX_RULES
 from dit_rt.compile import apply_compile
 from dit_rt.contract import BlockStack, CachePlan, Transformer, block_stacks, check_transformer
 from dit_rt.graphs import apply_cuda_graphs
-from dit_rt.models.flux import FluxTransformer, FluxTransformerConfig
+from dit_rt.models.cosmos import CosmosTransformer, CosmosTransformerConfig
+from dit_rt.models.flux import (
+    Flux2Transformer,
+    Flux2TransformerConfig,
+    FluxTransformer,
+    FluxTransformerConfig,
+)
 from dit_rt.models.wan import WanTransformer, WanTransformerConfig
 from dit_rt.models.wan.transformer import RotaryFreqs, timestep_sinusoid
 from dit_rt.offload import apply_offload
@@ -231,11 +238,55 @@ def _flux():
     return model, args
 
 
+def _flux2():
+    cfg = Flux2TransformerConfig(
+        in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=3,
+        joint_attention_dim=12, timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2),
+    )  # fmt: skip
+    model = _randomize(Flux2Transformer(cfg), 0)
+    g = torch.Generator().manual_seed(1)
+    li, lt = 7, 5  # odd lengths: both streams padded; the last 3 image tokens are a reference image's
+    img_ids = torch.stack([(torch.arange(li) >= 4) * 10.0, torch.arange(li) % 4 // 2, torch.arange(li) % 2,
+                           torch.zeros(li)], dim=-1)  # fmt: skip
+    txt_ids = torch.stack([torch.zeros(lt)] * 3 + [torch.arange(lt, dtype=torch.float32)], dim=-1)
+    # ids as [B, L, 4] (the pipeline's form): dp / cfg split every input along the batch
+    x, ctx = torch.randn(2, li, 8, generator=g), torch.randn(2, lt, 12, generator=g)
+    t, guidance = torch.tensor([0.003, 0.7]), torch.tensor([4.0, 1.0])
+    return model, (x, ctx, t, img_ids.expand(2, li, 4), txt_ids.expand(2, lt, 4), guidance)
+
+
+def _cosmos(per_frame: bool):
+    """Cosmos-1.0-like (learnable position embedding, one timestep per item) or Predict2.5-like (text
+    projection, per-frame timesteps: the modulation is spread over the tokens by their frame indices)."""
+    variant = (
+        dict(use_crossattn_projection=True, crossattn_proj_in_channels=20, encoder_hidden_states_channels=16)
+        if per_frame
+        else dict(extra_pos_embed_type="learnable")
+    )
+    cfg = CosmosTransformerConfig(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=3,
+        mlp_ratio=2.0, text_embed_dim=16, adaln_lora_dim=8, max_size=(8, 16, 16),
+        **{"extra_pos_embed_type": None, **variant},
+    )  # fmt: skip
+    model = _randomize(CosmosTransformer(cfg), 0)
+    g = torch.Generator().manual_seed(1)
+    if per_frame:  # latent (3, 2, 6) -> token grid (3, 1, 3), L = 9 over three frames
+        x = torch.randn(2, 4, 3, 2, 6, generator=g)
+        t = torch.tensor([[0.01, 0.5, 0.5], [0.01, 0.9, 0.9]])[:, None, :, None, None]
+    else:  # latent (1, 6, 10) -> token grid (1, 3, 5), L = 15
+        x = torch.randn(2, 4, 1, 6, 10, generator=g)
+        t = torch.tensor([0.3, 0.7])
+    return model, (x, t, torch.randn(2, 5, cfg.context_dim, generator=g))
+
+
 CASES: dict[str, Callable[[], tuple[nn.Module, tuple]]] = {
     "wan-t2v": lambda: _wan(image=False),
     "wan-i2v": lambda: _wan(image=True),
     "two-stream": _two_stream,
     "flux": _flux,
+    "flux2": _flux2,
+    "cosmos": lambda: _cosmos(per_frame=False),
+    "cosmos-per-frame": lambda: _cosmos(per_frame=True),
 }
 
 

@@ -198,7 +198,7 @@ def test_folder_rules_follow_the_config_files(tmp_path):
     i2v = _configs_only(tmp_path / "i2v", index=INDEX | dict(_class_name="WanImageToVideoPipeline"))
     with pytest.raises(ValueError, match="is image-to-video: pass image="):
         check_generation(i2v)
-    other = _configs_only(tmp_path / "other", index=INDEX | dict(_class_name="CosmosTextToWorldPipeline"))
+    other = _configs_only(tmp_path / "other", index=INDEX | dict(_class_name="SomeFuturePipeline"))
     assert model_constraints(other) == Constraints()  # unknown: `load` says it is not supported
     with pytest.raises(ValueError, match="model_index.json"):
         check_generation(tmp_path / "nothing-here", height=480)

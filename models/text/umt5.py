@@ -71,12 +71,16 @@ class UMT5Config:
 
     @classmethod
     def from_config(cls, config: dict) -> UMT5Config:
-        """Read a transformers `T5Config`/`UMT5Config` dict (`text_encoder/config.json`)."""
+        """Read a transformers `T5Config`/`UMT5Config` dict (`text_encoder/config.json`); a missing
+        `feed_forward_proj` takes the default of the class the model_type names."""
         model_type = config.get("model_type", "umt5")
         if model_type not in ("umt5", "t5"):
             raise ValueError(f"text encoder model_type {model_type!r}: expected 'umt5' or 't5'")
         names = {f.name for f in dataclasses.fields(cls) if f.init} - {"per_layer_position_bias"}
         kwargs = {k: config[k] for k in names if k in config}
+        # transformers' defaults differ by class: T5Config's FFN is "relu" (original T5; google-t5/t5-11b's
+        # own config.json predates the key), UMT5Config's "gated-gelu".
+        kwargs.setdefault("feed_forward_proj", "relu" if model_type == "t5" else "gated-gelu")
         return cls(**kwargs, per_layer_position_bias=model_type == "umt5")
 
 
@@ -141,7 +145,12 @@ class SelfAttention(nn.Module):
 
     def position_bias(self, buckets: torch.Tensor) -> torch.Tensor:
         """[L, L] buckets -> [1, H, L, L] learned bias."""
-        return self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
+        table = self.relative_attention_bias.weight
+        if hasattr(table, "full_tensor"):
+            # T5's shared bias is read from block 0 before the blocks run: under FSDP the table is still a
+            # sharded DTensor there (a block's parameters are gathered only inside its own forward).
+            table = table.full_tensor()
+        return F.embedding(buckets, table).permute(2, 0, 1).unsqueeze(0)
 
     def forward(
         self, x: torch.Tensor, buckets: torch.Tensor, key_mask: torch.Tensor, shared_bias: torch.Tensor | None

@@ -1,0 +1,158 @@
+"""Will it fit? The GPU memory the weights of a pipeline take under the chosen options, from the safetensors
+headers alone (no weight is read), checked against the card before loading starts.
+
+FLUX.2-dev is 112 GB of bf16 weights (a 32B transformer and a 24B text encoder): on an 80 GB card it runs only
+with fp8 linears or offload. A user who asks for what cannot fit gets, before minutes of reading weights, the
+sizes and the options that would fit, instead of an out-of-memory error halfway through.
+
+The estimate counts weights only: per component, each floating tensor in the load dtype (a few fp32-kept
+tensors are counted at the load dtype too), quantized linears (2-D block weights of
+the components the family quantizes) at their format's bytes per element; under offload="model" the largest
+component (they visit the GPU one at a time), under offload="block" the largest of: a block-streamed
+component's resident part plus two of its blocks, any other component whole. Activations come on top: the
+check keeps `RESERVE` free for them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+GiB = 2**30
+RESERVE = 4 * GiB  # activations, workspaces and the CUDA context, beyond the weights
+# bytes per element of a quantized linear weight (scales are negligible)
+FORMAT_BYTES = {
+    "fp8-per-tensor": 1.0,
+    "fp8-rowwise": 1.0,
+    "fp8-blockwise": 1.0,
+    "nvfp4": 0.5,
+    "svdquant": 0.5,
+}
+_BLOCK = re.compile(r"^(.*?(?:blocks|layers))\.(\d+)\.")  # "transformer_blocks.3.", "model.layers.12."
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    total: int  # bytes on the GPU when the whole component is there
+    resident: int  # bytes with its blocks streamed (offload="block"): non-block part + two largest blocks
+
+
+def _component(folder: Path, name: str, dtype: torch.dtype, fmt: str | None) -> Component | None:
+    from dit_rt.loaders.safetensors_io import find_weight_files, scan
+
+    try:
+        files, index = find_weight_files(folder / name)
+    except (FileNotFoundError, ValueError):
+        return None  # no weights (a tokenizer, a scheduler)
+    if not files:
+        return None
+    quant = FORMAT_BYTES.get(fmt) if fmt else None
+    blocks: dict[str, int] = {}
+    rest = 0
+    for key, info in scan(files, index).items():
+        n = 1
+        for d in info.shape:
+            n *= d
+        floating = info.dtype.is_floating_point
+        size = info.nbytes if not floating else n * dtype.itemsize
+        m = _BLOCK.match(key)
+        if quant is not None and m and len(info.shape) == 2 and min(info.shape) >= 64:
+            size = int(n * quant)
+        if m:
+            blocks[m.group(0)] = blocks.get(m.group(0), 0) + size
+        else:
+            rest += size
+    largest = sorted(blocks.values(), reverse=True)[:2]
+    return Component(name, rest + sum(blocks.values()), rest + sum(largest))
+
+
+def weights_on_gpu(
+    folder: Path,
+    components: list[str],
+    dtype: torch.dtype,
+    *,
+    linear: str | None = None,
+    quantized: tuple[str, ...] = ("transformer", "transformer_2"),
+    offload: str | None = None,
+    streamed: tuple[str, ...] = ("transformer", "transformer_2"),
+) -> tuple[int, dict[str, int]]:
+    """(peak weight bytes on the GPU, bytes per component as they sit there) for these options."""
+    parts = [
+        c
+        for name in components
+        if (c := _component(folder, name, dtype, linear if name in quantized else None)) is not None
+    ]
+    if offload == "block":
+        sizes = {c.name: c.resident if c.name in streamed else c.total for c in parts}
+        return max(sizes.values(), default=0), sizes
+    sizes = {c.name: c.total for c in parts}
+    if offload == "model":
+        return max(sizes.values(), default=0), sizes
+    return sum(sizes.values()), sizes
+
+
+def free_bytes(device: torch.device) -> int:
+    """What this process can still allocate on `device`: the driver's free memory plus its own cache."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def check_fits(
+    folder: Path,
+    components: list[str],
+    options,
+    *,
+    name: str,
+    quantized: tuple[str, ...] = ("transformer", "transformer_2"),
+    streamed: tuple[str, ...] = ("transformer", "transformer_2"),
+    available: int | None = None,
+) -> None:
+    """Raise MemoryError, before any weight is read, when the weights under `options` (RuntimeOptions)
+    cannot fit `available` bytes (default: what the CUDA device has free) less RESERVE, naming the options
+    that would. Nothing to check off CUDA, or under parallel= (FSDP shards and parallel layouts have their own
+    sizes)."""
+    device = options.device
+    if available is None:
+        if device.type != "cuda" or options.parallel is not None:
+            return
+        available = free_bytes(device)
+    budget = available - RESERVE
+
+    def need(**changes) -> tuple[int, dict[str, int]]:
+        kw = dict(linear=options.linear_format, offload=options.offload) | changes
+        return weights_on_gpu(folder, components, options.dtype, quantized=quantized, streamed=streamed, **kw)
+
+    peak, sizes = need()
+    if peak <= budget:
+        return
+    alternatives = []
+    for label, changes in (
+        ("linear='fp8-per-tensor'", dict(linear="fp8-per-tensor")),
+        ("linear='fp8-per-tensor', offload='model'", dict(linear="fp8-per-tensor", offload="model")),
+        ("offload='model'", dict(offload="model")),
+        ("offload='block'", dict(offload="block")),
+    ):
+        if all(options_value(options, k) == v for k, v in changes.items()):
+            continue  # what the user already chose
+        p, _ = need(**changes)
+        if p <= budget:
+            alternatives.append(f"{label} (~{p / GiB:.1f} GiB)")
+    parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in sizes.items())
+    hint = (
+        "; options that fit: " + ", ".join(alternatives)
+        if alternatives
+        else "; no single option fits: use a larger card or parallel=dict(fsdp=True) over several GPUs"
+    )
+    raise MemoryError(
+        f"{name} needs ~{peak / GiB:.1f} GiB of weights on {device} with dtype={options.dtype}, "
+        f"linear={options.linear!r}, offload={options.offload!r} (GiB: {parts}), plus "
+        f"~{RESERVE / GiB:.0f} GiB for activations; the card has {available / GiB:.1f} GiB free{hint}"
+    )
+
+
+def options_value(options, key: str):
+    return options.linear_format if key == "linear" else getattr(options, key)

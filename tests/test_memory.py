@@ -1,0 +1,90 @@
+"""The memory check before loading (dit_rt.memory): sizes from safetensors headers, per option, and the error
+that names what would fit, raised before any weight is read."""
+
+import json
+
+import pytest
+import torch
+
+from dit_rt import memory
+from dit_rt.demo import save_safetensors
+from dit_rt.runtime import RuntimeOptions
+
+MiB = 2**20
+
+
+def _folder(tmp_path):
+    """transformer: 4 blocks of one 1024x1024 linear + a 1024x64 input projection; text_encoder: 2 layers of
+    512x1024; vae: one conv. Stored float32; sizes below are for bf16 loads."""
+    tr = {f"transformer_blocks.{i}.ff.weight": torch.zeros(1024, 1024) for i in range(4)}
+    tr |= {f"transformer_blocks.{i}.norm.weight": torch.zeros(1024) for i in range(4)}
+    tr["proj_in.weight"] = torch.zeros(1024, 64)
+    te = {f"model.layers.{i}.mlp.weight": torch.zeros(512, 1024) for i in range(2)}
+    vae = {"decoder.conv_in.weight": torch.zeros(64, 16, 3, 3)}
+    for name, state in (("transformer", tr), ("text_encoder", te), ("vae", vae)):
+        (tmp_path / name).mkdir()
+        save_safetensors(state, tmp_path / name / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "tokenizer").mkdir()
+    index = {"_class_name": "X", "transformer": ["diffusers", "A"], "text_encoder": ["transformers", "B"]}
+    index |= {"vae": ["diffusers", "C"], "tokenizer": ["transformers", "D"]}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    return tmp_path, ["transformer", "text_encoder", "vae", "tokenizer"]
+
+
+def test_sizes_per_option(tmp_path):
+    folder, comps = _folder(tmp_path)
+    blk = 1024 * 1024 * 2 + 1024 * 2  # one block in bf16
+    tr, te, vae = 4 * blk + 1024 * 64 * 2, 2 * 512 * 1024 * 2, 64 * 16 * 9 * 2
+    peak, sizes = memory.weights_on_gpu(folder, comps, torch.bfloat16)
+    assert sizes == {"transformer": tr, "text_encoder": te, "vae": vae} and peak == tr + te + vae
+    peak, sizes = memory.weights_on_gpu(folder, comps, torch.bfloat16, linear="fp8-per-tensor")
+    assert sizes["transformer"] == 4 * (1024 * 1024 + 1024 * 2) + 1024 * 64 * 2  # block linears 1 byte
+    assert sizes["text_encoder"] == te  # not a quantized component by default
+    assert memory.weights_on_gpu(folder, comps, torch.bfloat16, offload="model")[0] == tr
+    peak, sizes = memory.weights_on_gpu(folder, comps, torch.bfloat16, offload="block")
+    assert sizes["transformer"] == 2 * blk + 1024 * 64 * 2 and peak == max(sizes.values())
+    peak, _ = memory.weights_on_gpu(
+        folder, comps, torch.bfloat16, linear="nvfp4", quantized=("transformer", "text_encoder")
+    )
+    assert peak == 4 * (1024 * 512 + 1024 * 2) + 1024 * 64 * 2 + 512 * 1024 + vae
+
+
+def test_error_names_the_options_that_fit(tmp_path):
+    folder, comps = _folder(tmp_path)
+    opts = RuntimeOptions.create(device="cpu", dtype=torch.bfloat16)
+    tr = 4 * (1024 * 1024 * 2 + 1024 * 2) + 1024 * 64 * 2
+    # room for the transformer alone (offload="model"), not for everything; fp8 would fit too
+    available = memory.RESERVE + tr + 64 * 1024
+    with pytest.raises(MemoryError) as e:
+        memory.check_fits(folder, comps, opts, name="tiny", available=available)
+    msg = str(e.value)
+    assert "tiny needs ~" in msg and "(GiB: transformer 0.0, text_encoder 0.0, vae 0.0)" in msg
+    assert "linear='fp8-per-tensor' (~" in msg and "offload='model' (~" in msg and "offload='block' (~" in msg
+    memory.check_fits(folder, comps, opts, name="tiny", available=memory.RESERVE + 16 * MiB)  # fits: no error
+    with pytest.raises(MemoryError, match="no single option fits"):
+        memory.check_fits(folder, comps, opts, name="tiny", available=memory.RESERVE + 1024)
+    memory.check_fits(folder, comps, opts, name="tiny")  # CPU: nothing to check
+
+
+def test_load_checks_before_reading_weights(monkeypatch):
+    """dit_rt.load raises the MemoryError from the pipeline's start(), before any component is built."""
+    import dit_rt
+    from dit_rt import components
+    from dit_rt.demo import tiny_wan_folder
+
+    folder = tiny_wan_folder()
+    real = memory.check_fits
+    seen = {}
+
+    def small_card(folder, comps, options, **kw):
+        seen.update(kw)
+        return real(folder, comps, options, **(kw | dict(available=memory.RESERVE + 1024)))
+
+    def no_build(*a, **k):
+        raise AssertionError("a component was built before the memory check")
+
+    monkeypatch.setattr(memory, "check_fits", small_card)
+    monkeypatch.setattr(components, "build_component", no_build)
+    with pytest.raises(MemoryError, match="needs ~.* GiB of weights"):
+        dit_rt.load(str(folder), device="cpu")
+    assert seen["quantized"] == ("transformer", "transformer_2")
