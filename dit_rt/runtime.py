@@ -47,6 +47,7 @@ class RuntimeOptions:
     mesh: ParallelMesh = field(default_factory=lambda: ParallelMesh(ParallelConfig()))
     installed: list = field(default_factory=list)
     fsdp_mesh: object | None = None  # the 1-D world DeviceMesh FSDP shards over, shared by all models
+    attention_options: dict = field(default_factory=dict)  # an attention mode's options (`svg`)
 
     @classmethod
     def create(
@@ -69,8 +70,16 @@ class RuntimeOptions:
         parallel: None (one process), or dict(dp=, cfg=, ulysses=, ring=, fsdp=) under torchrun, whose
         degrees must multiply to the world size. The process group is initialised here when the launcher
         has not (NCCL on CUDA, gloo on CPU); on CUDA each process then runs on cuda:LOCAL_RANK.
+        attention: a backend name, "auto", or an attention mode as a name or dict(name=..., **options), e.g.
+        dict(name="svg", budget=0.25); a mode's options are checked here and its dense kernel like a name.
         """
-        from dit_rt.ops.attention import attention_names, available_attention, unusable_reason
+        from dit_rt.ops.attention import (
+            attention_mode,
+            attention_names,
+            attention_spec,
+            available_attention,
+            unusable_reason,
+        )
         from dit_rt.ops.linear import LINEAR_FORMATS
         from dit_rt.parallel.mesh import init_distributed
 
@@ -87,16 +96,34 @@ class RuntimeOptions:
         dtype = _dtype(dtype, "dtype") or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         vae_dtype = _dtype(vae_dtype, "vae_dtype")
         names = attention_names()
-        if attention not in names:
+        if isinstance(attention, dict) and attention.get("name") not in names:
+            raise ValueError(f"attention={attention!r}: name= must be one of: {', '.join(names)}")
+        if not isinstance(attention, (str, dict)) or isinstance(attention, str) and attention not in names:
             raise ValueError(f"attention={attention!r} is unknown; choose one of: {', '.join(names)}")
-        if attention != "auto":  # a named backend that cannot run here fails now, not after the weights load
-            reason = unusable_reason(attention, device=device, dtype=dtype)
+        attention, attention_options = attention_spec(attention)
+        mode = attention_mode(attention)
+        kernel = mode.parse(attention_options).dense if mode is not None else attention
+        if kernel != "auto":  # a named backend that cannot run here fails now, not after the weights load
+            if kernel not in names or attention_mode(kernel) is not None:
+                raise ValueError(f"attention={attention!r}: dense={kernel!r} is not an attention backend")
+            reason = unusable_reason(kernel, device=device, dtype=dtype)
             if reason is not None:
                 usable = ", ".join(["auto", *available_attention(device, dtype)])
                 raise ValueError(
-                    f"attention={attention!r} cannot run with device={device}, "
+                    f"attention={kernel!r} cannot run with device={device}, "
                     f"dtype={str(dtype).removeprefix('torch.')}: {reason}; usable there: {usable}"
                 )
+        ring = (vars(parallel) if isinstance(parallel, ParallelConfig) else parallel or {}).get("ring") or 1
+        if mode is not None and not mode.ring and ring > 1:
+            raise ValueError(
+                f"attention={attention!r} does not run under Ring attention (ring={ring} splits the video "
+                "tokens over ranks, so a rank would see some frames only); use ulysses= instead"
+            )
+        if mode is not None and cuda_graphs:
+            raise ValueError(
+                f"attention={attention!r} switches between dense and sparse attention by step, which a CUDA "
+                "graph replay cannot follow; drop cuda_graphs"
+            )
         if linear not in LINEAR_FORMATS:
             raise ValueError(f"linear={linear!r} is unknown; choose one of: {', '.join(LINEAR_FORMATS)}")
         if linear != "default" and dtype == torch.float32 and device.type == "cuda":
@@ -163,6 +190,7 @@ class RuntimeOptions:
             compile,
             cuda_graphs,
             mesh,
+            attention_options=attention_options,
         )
 
     @property
@@ -179,7 +207,9 @@ class RuntimeOptions:
         from dit_rt.ops.attention import set_attention
         from dit_rt.parallel import SequenceParallel
 
-        set_attention(model, self.attention, device=self.device, dtype=self.dtype)
+        set_attention(
+            model, dict(name=self.attention, **self.attention_options), device=self.device, dtype=self.dtype
+        )
         if self.mesh.size("sp") > 1:
             self.installed.append(SequenceParallel.apply(model, self.mesh))
         if self.parallel is not None and self.parallel.fsdp:

@@ -37,6 +37,7 @@ from torch import nn
 from dit_rt.cache.teacache import TeaCacheRule
 from dit_rt.contract import BlockStack, CachePlan
 from dit_rt.ops import Attention, Linear, fused
+from dit_rt.ops.attention import set_video_grid
 from dit_rt.ops.elementwise import gated_residual, layer_norm_modulate, rms_norm_rope
 from dit_rt.ops.fused_ops import add_norm_into, attention_into, norm_into, qkv_norm_rope
 from dit_rt.parallel.sequence import Replicate, SequencePlan, Split
@@ -442,6 +443,7 @@ class CosmosTransformer(nn.Module):
     # Sequence parallelism: the video tokens split along dim 1 with every per-token input (RoPE rows,
     # position embedding, frame indices); the text context and the per-timestep modulation replicate; only
     # attn1 attends over the tokens.
+    video_attention: ClassVar[tuple[str, ...]] = ("transformer_blocks.*.attn1.attn",)  # svg: frames x h x w
     sequence_plan: ClassVar[SequencePlan] = SequencePlan(
         inputs={
             "x": Split("x"), "rope": Split("x", dim=0), "pos": Split("x"), "frames": Split("x", dim=0),
@@ -534,6 +536,7 @@ class CosmosTransformer(nn.Module):
         """
         x, context = hidden_states, encoder_hidden_states
         grid = self._check(x, timestep, context, condition_mask, padding_mask)
+        set_video_grid(self, grid)
         B, _, T, H, W = x.shape
         dtype = x.dtype
         pt, ph, pw = self.cfg.patch_size

@@ -27,6 +27,7 @@ from torch import nn
 from dit_rt.cache.teacache import WAN_RULES
 from dit_rt.contract import BlockStack, CachePlan
 from dit_rt.ops import Attention, Linear, fused
+from dit_rt.ops.attention import set_video_grid
 from dit_rt.ops.elementwise import gated_residual, layer_norm_modulate, rms_norm_rope
 from dit_rt.ops.fused_ops import add_norm_into, attention_into, norm_into, qkv_norm_rope
 from dit_rt.ops.linear import gelu_ffn
@@ -409,6 +410,9 @@ class WanTransformer(nn.Module):
         },
         attention={"blocks.*.attn1.attn": ("x",)},
     )  # fmt: skip
+    # Attention modes (dit_rt.ops.attention.svg): attn1 attends over the video tokens alone, in (t, h, w)
+    # row-major order; the forward declares their grid with `set_video_grid`.
+    video_attention: ClassVar[tuple[str, ...]] = ("blocks.*.attn1.attn",)
 
     def __init__(self, cfg: WanTransformerConfig):
         super().__init__()
@@ -471,6 +475,7 @@ class WanTransformer(nn.Module):
         B, _, T, H, W = x.shape
         pt, ph, pw = self.cfg.patch_size
         rope = self.rope((t, h, w), x.device)
+        set_video_grid(self, (t, h, w))
 
         x = self.patch_embedding(x)  # [B, L, D]
 

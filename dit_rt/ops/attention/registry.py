@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -109,8 +110,56 @@ class AttentionBackend:
         return self.fn(q, k, v, scale, return_lse)
 
 
+@dataclass(frozen=True)
+class AttentionMode:
+    """An attention that binds to a model rather than being one kernel (`svg`, Sparse VideoGen).
+
+    It reads what the model declares through the seam (which Attention modules attend over its video tokens,
+    their grid per forward, the denoising step: `dit_rt.ops.attention.AttentionContext`) and installs its own
+    op in those modules; every other module runs a dense kernel. Selected with `attention=name` or
+    `attention=dict(name=name, **options)`.
+
+    parse(options) -> config: validates the options (ValueError naming the valid ones); the config's `dense`
+    field names the dense kernel ("auto" or a registered backend). bind(model, config, dense) -> {module: op}:
+    the ops for the Attention modules the mode handles (the rest get the dense kernel); dense(module) is the
+    dense backend resolved for that module. It raises, before anything is installed, on a model it cannot
+    serve. ring: whether it runs under Ring attention (which splits the sequence over ranks).
+    """
+
+    name: str
+    parse: Callable[[dict], Any]
+    bind: Callable[[Any, Any, Callable[[Any], AttentionBackend]], dict]
+    ring: bool = False
+
+
 _BACKENDS: dict[str, AttentionBackend] = {}
+_MODES: dict[str, AttentionMode] = {}
 _RESOLVED: dict[tuple, AttentionBackend] = {}
+
+
+def register_mode(mode: AttentionMode) -> AttentionMode:
+    if mode.name in _BACKENDS or mode.name == "auto":
+        raise ValueError(f"attention mode {mode.name!r} would shadow a backend of the same name")
+    _MODES[mode.name] = mode
+    return mode
+
+
+def attention_mode(name: object) -> AttentionMode | None:
+    """The registered mode called `name`, or None (a kernel name, "auto", or an unknown name)."""
+    return _MODES.get(name) if isinstance(name, str) else None
+
+
+def attention_spec(attention: str | dict | AttentionBackend) -> tuple[str | AttentionBackend, dict]:
+    """(name, options) of an `attention=` value: a name or backend (no options), or dict(name=, **options)."""
+    if not isinstance(attention, dict):
+        return attention, {}
+    options = dict(attention)
+    name = options.pop("name", None)
+    if not isinstance(name, str):
+        raise ValueError(f"attention={attention!r}: a dict needs name=, e.g. dict(name='svg', budget=0.25)")
+    if options and name not in _MODES:
+        raise ValueError(f"attention backend {name!r} takes no options, got {sorted(options)}")
+    return name, options
 
 
 def register_backend(backend: AttentionBackend, *, replace: bool = False) -> AttentionBackend:
@@ -118,6 +167,8 @@ def register_backend(backend: AttentionBackend, *, replace: bool = False) -> Att
         raise ValueError(f"attention backend {backend.name!r} is already registered (pass replace=True)")
     if backend.name == "auto":
         raise ValueError("'auto' is reserved: it picks the best available backend")
+    if backend.name in _MODES:
+        raise ValueError(f"{backend.name!r} is an attention mode; pick another backend name")
     _BACKENDS[backend.name] = backend
     _RESOLVED.clear()  # a new or replaced backend may change what names and `auto` resolve to
     return backend
@@ -186,8 +237,8 @@ def available_attention(
 
 
 def attention_names() -> list[str]:
-    """Every name `attention=` accepts: "auto" and each registered backend, usable here or not."""
-    return ["auto", *_BACKENDS]
+    """Every name `attention=` accepts: "auto", each registered backend, usable here or not, and each mode."""
+    return ["auto", *_BACKENDS, *_MODES]
 
 
 def _describe(device, dtype, head_dim) -> str:
@@ -219,6 +270,11 @@ def resolve_attention(
         backend = next((b for b in ranked if _usable(b, device, dtype, head_dim) is None), None)
         if backend is None:
             raise RuntimeError(f"no attention backend is usable for {where}")
+    elif name in _MODES:
+        raise ValueError(
+            f"attention {name!r} binds to a model (it needs the video geometry the model declares): install "
+            f"it with set_attention(model, {name!r}) or dit_rt.load(..., attention={name!r}), not per call"
+        )
     elif name not in _BACKENDS:
         raise ValueError(
             f"unknown attention backend {name!r}; registered: {sorted(_BACKENDS)}; "

@@ -1,0 +1,359 @@
+"""`svg`: Sparse VideoGen (Xi et al., ICML 2025), training-free sparse self-attention for video DiTs.
+
+Most heads of a video DiT are spatial (a query attends to its own frame and the nearest ones) or temporal (a
+query attends to the same place, and its neighbours, in every frame). Per call, each (batch, head) of a video
+self-attention is classified by online profiling: `samples` evenly spaced query rows are attended exactly and
+under both sparse patterns, and the pattern with the smaller mean squared error against the exact rows wins.
+
+Both patterns are one band mask, |query block - key block| <= w over blocks of `block` tokens, with w the
+widest band whose share of the query x key blocks is within `budget`. A spatial head applies it to the tokens
+in the model's frame-major order ((t, h, w) row-major), where it is a block-diagonal band of frames; a
+temporal head applies it after the token-major transform (position p of frame f moves to p * frames + f),
+where it covers every frame of nearby positions. As the mask is the same for every head, all heads run as one
+FlexAttention call with one block mask of full blocks (compiled on CUDA: no mask is evaluated inside them);
+the transform is a per-head gather on the way in and its inverse on the way out, one pass each way, fused
+with the (B, L, H, D) <-> (B, H, L, D) change FlexAttention needs. On CPU FlexAttention runs unfused (it
+evaluates the mask on every score): correct, and for checks only.
+
+Dense (the `dense` kernel, "auto": FA3 on Hopper): the first `dense_layers` fraction of the video attention
+layers, the first `dense_steps` fraction of the denoising steps, and every other Attention (cross-attention
+over text or image tokens). Defaults are the SVG repository's Wan settings: budget 0.25, dense_steps 0.075,
+dense_layers 0.025, 64 profiling rows.
+
+The geometry comes from the model, never from the sequence length: the model class declares `video_attention`
+(fnmatch patterns of its Attention modules whose q/k/v are its video tokens alone, in (t, h, w) row-major
+order) and its forward calls `set_video_grid(self, (t, h, w))`. The step comes from the pipeline
+(`attention_step`). Under Ulysses each rank holds whole sequences of its own heads, which svg classifies and
+runs as in one process; Ring splits the sequence (a rank would see some frames only): svg refuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+import itertools
+import logging
+import math
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from dit_rt.ops.attention.registry import AttentionBackend, AttentionMode, register_mode
+from dit_rt.ops.custom import kernel_op
+
+log = logging.getLogger("dit_rt")
+
+# Score elements per profiling chunk (B x heads x samples x keys, fp32): bounds its memory at 256 MiB.
+_PROFILE_CHUNK = 1 << 26
+
+
+@dataclass(frozen=True)
+class SvgConfig:
+    """Options of `attention=dict(name="svg", ...)`.
+
+    budget: share of the video query x key blocks each head computes (0 < budget <= 1; 1 is dense).
+    dense_steps: the first floor(dense_steps x steps) denoising steps run dense. dense_layers: the first
+    floor(dense_layers x layers) video attention layers run dense. samples: query rows profiled per call.
+    block: the block size of the band, in tokens. dense: the kernel for everything dense ("auto" or a name).
+    """
+
+    budget: float = 0.25
+    dense_steps: float = 0.075
+    dense_layers: float = 0.025
+    samples: int = 64
+    block: int = 128
+    dense: str = "auto"
+
+    @classmethod
+    def parse(cls, options: dict) -> SvgConfig:
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise ValueError(f"attention 'svg' takes options {names}; unknown: {unknown}")
+        config = cls(**options)
+        for name in ("budget", "dense_steps", "dense_layers"):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"attention 'svg': {name} must be a number in [0, 1], got {value!r}")
+        if config.budget == 0:
+            raise ValueError("attention 'svg': budget must be > 0 (the share of attention blocks computed)")
+        for name in ("samples", "block"):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"attention 'svg': {name} must be a positive int, got {value!r}")
+        if not isinstance(config.dense, str):
+            raise ValueError(f"attention 'svg': dense must be a backend name, got {config.dense!r}")
+        return config
+
+
+# ------------------------------------------------------------------------------------------------ layout
+
+
+def to_token_major(x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """[B, F*S, ...] frame-major (the model's order) -> [B, S*F, ...] token-major: the tokens of one place
+    in every frame become neighbours (S = height * width tokens per frame)."""
+    frames = grid[0]
+    return x.unflatten(1, (frames, -1)).transpose(1, 2).flatten(1, 2)
+
+
+def to_frame_major(x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """The inverse of `to_token_major`."""
+    frames = grid[0]
+    return x.unflatten(1, (-1, frames)).transpose(1, 2).flatten(1, 2)
+
+
+def band_width(tokens: int, block: int, budget: float) -> int:
+    """The widest band half-width w (in blocks) with (blocks within w of the diagonal) / blocks^2 <= budget;
+    at least 0 (the diagonal blocks alone)."""
+    n = -(-tokens // block)
+    w = 0
+    # n * (2w + 1) - w * (w + 1) blocks have |i - j| <= w; here at w + 1
+    while w + 1 < n and n * (2 * w + 3) - (w + 1) * (w + 2) <= budget * n * n:
+        w += 1
+    return w
+
+
+def band_mask(rows: torch.Tensor, cols: torch.Tensor, block: int, width: int) -> torch.Tensor:
+    """[len(rows), len(cols)] bool: positions whose blocks are at most `width` apart."""
+    return ((rows[:, None] // block) - (cols[None, :] // block)).abs() <= width
+
+
+@dataclass(frozen=True)
+class SvgPlan:
+    """Everything svg needs for one geometry, built once: perm[p] is the frame-major index of token-major
+    position p, inv its inverse, ident the identity; rows the profiled query rows; masks [2, rows, N] the
+    spatial and temporal band of those rows over the keys in frame-major order; block_mask the FlexAttention
+    band."""
+
+    grid: tuple[int, int, int]
+    block: int
+    width: int
+    perm: torch.Tensor
+    inv: torch.Tensor
+    ident: torch.Tensor
+    rows: torch.Tensor
+    masks: torch.Tensor
+    block_mask: object
+
+
+def band_block_mask(tokens: int, block: int, width: int, device: torch.device):
+    """The FlexAttention BlockMask of the band: full blocks only (listed directly, O(blocks^2) integers), with
+    the same band as mask_mod for FlexAttention's unfused path and the partial tail block."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n = -(-tokens // block)
+    i = torch.arange(n, device=device)
+    lo = (i - width).clamp(min=0)
+    count = ((i + width).clamp(max=n - 1) - lo + 1).to(torch.int32)  # [n]
+    # [n, n]: row i lists its count[i] blocks first (the rest is never read)
+    idx = (lo[:, None] + torch.arange(n, device=device)).clamp(max=n - 1).to(torch.int32)
+    none = torch.zeros_like(count)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx // block - kv_idx // block).abs() <= width
+
+    return BlockMask.from_kv_blocks(
+        none[None, None], torch.zeros_like(idx)[None, None], count[None, None], idx[None, None],
+        BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(tokens, tokens),
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=16)
+def make_plan(
+    grid: tuple[int, int, int], block: int, budget: float, samples: int, device: torch.device
+) -> SvgPlan:
+    n = math.prod(grid)
+    ident = torch.arange(n, device=device)
+    perm = to_token_major(ident[None], grid)[0]
+    inv = torch.empty_like(perm)
+    inv[perm] = ident
+    width = band_width(n, block, budget)
+    m = min(samples, n)
+    rows = (torch.arange(m, device=device) * n) // m + (n // m) // 2  # evenly spaced
+    masks = torch.stack([band_mask(rows, ident, block, width), band_mask(inv[rows], inv, block, width)])
+    block_mask = band_block_mask(n, block, width, device)
+    return SvgPlan(grid, block, width, perm, inv, ident, rows, masks, block_mask)
+
+
+# ------------------------------------------------------------------------------------------------ math
+
+
+def profile(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SvgPlan, scale: float) -> torch.Tensor:
+    """Mean squared error of the plan's sampled rows under the spatial and the temporal pattern against exact
+    attention: q/k/v [B, N, H, D] -> err float32 [B, H, 2] (0: spatial, 1: temporal)."""
+    B, N, H, _ = q.shape
+    qs = q[:, plan.rows].transpose(1, 2)  # [B, H, m, D]
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # [B, H, N, D] views
+    chunk = max(1, _PROFILE_CHUNK // (B * len(plan.rows) * N))
+    errs = []
+    for h in range(0, H, chunk):
+        s = (qs[:, h : h + chunk] @ kt[:, h : h + chunk].transpose(-1, -2)).float() * scale  # [B, h, m, N]
+        vh = vt[:, h : h + chunk]
+        exact = (s.softmax(-1).to(v.dtype) @ vh).float()  # [B, h, m, D]
+        err = []
+        for mask in plan.masks:  # [m, N]
+            o = s.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype) @ vh
+            err.append((o.float() - exact).square().mean(dim=(-1, -2)))  # [B, h]
+        errs.append(torch.stack(err, dim=-1))
+    return torch.cat(errs, dim=1)
+
+
+def place(x: torch.Tensor, temporal: torch.Tensor, plan: SvgPlan) -> torch.Tensor:
+    """x [B, N, H, D] frame-major -> [B, H, N, D] with the heads where temporal [B, H] is True in token-major
+    order: one gather."""
+    idx = torch.where(temporal[..., None], plan.perm, plan.ident)  # [B, H, N]
+    return x.transpose(1, 2).gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))
+
+
+def unplace(o: torch.Tensor, temporal: torch.Tensor, plan: SvgPlan) -> torch.Tensor:
+    """The inverse of `place`: o [B, H, N, D] -> [B, N, H, D] frame-major, contiguous: one gather."""
+    idx = torch.where(temporal[..., None], plan.inv, plan.ident).transpose(1, 2)  # [B, N, H]
+    return o.transpose(1, 2).gather(1, idx[..., None].expand(-1, -1, -1, o.shape[-1]))
+
+
+@functools.cache
+def _flex(device_type: str):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+
+
+def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SvgPlan, scale: float):
+    """Block-sparse attention under the plan's band: q/k/v [B, H, N, D] -> [B, H, N, D]; one kernel call."""
+    flex = _flex(q.device.type)
+    if q.device.type == "cuda":
+        return flex(q, k, v, block_mask=plan.block_mask, scale=scale)
+    with warnings.catch_warnings():  # "called without torch.compile": expected here, see the module docstring
+        warnings.simplefilter("ignore", UserWarning)
+        return flex(q, k, v, block_mask=plan.block_mask, scale=scale)
+
+
+def sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SvgPlan, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Profile, place, attend, unplace: q/k/v [B, N, H, D] -> (out [B, N, H, D], temporal bool [B, H])."""
+    temporal = profile(q, k, v, plan, scale).argmin(dim=-1).bool()  # [B, H]
+    o = band_attention(*(place(x, temporal, plan) for x in (q, k, v)), plan, scale)
+    return unplace(o, temporal, plan), temporal
+
+
+# ------------------------------------------------------------------------------------------------ the op
+
+
+_warned: set[str] = set()
+# handle -> op, for the opaque custom op (which takes no Python objects; see SvgAttention).
+_OPS: weakref.WeakValueDictionary[int, SvgAttention] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
+
+
+class SvgAttention:
+    """The op of one video self-attention module: called like a backend, op(q, k, v, scale, return_lse),
+    q/k/v [B, L, H, D] over the model's video tokens (L may exceed them by Ulysses' end padding: those query
+    rows run dense, their output is dropped by the gather). `temporal` keeps the last classification.
+
+    Under torch.compile it is one opaque custom op, `dit_rt::svg_attention`: its choices (dense or sparse at
+    this step, the per-head classification) would otherwise become guards and recompile every step.
+    """
+
+    name = "svg"
+    lse = True  # so that Ring attention calls this op and gets its error, not a silent dense fallback
+    takes_codes = False
+
+    def __init__(self, config: SvgConfig, dense: AttentionBackend, context, dense_layer: bool):
+        self.config = config
+        self.dense = dense
+        self.context = context  # the model's AttentionContext: grid and step
+        self.dense_layer = dense_layer
+        self.temporal: torch.Tensor | None = None
+        self.handle = next(_HANDLES)
+        _OPS[self.handle] = self
+
+    def runs_dense(self) -> bool:
+        if self.dense_layer:
+            return True
+        c = self.context
+        if c.num_steps is None:
+            if self.config.dense_steps > 0 and "step" not in _warned:
+                _warned.add("step")
+                log.warning(
+                    "svg: no denoising step was reported (dit_rt.ops.attention.attention_step), so the dense "
+                    "warm-up steps are skipped"
+                )
+            return False
+        return c.step < math.floor(self.config.dense_steps * c.num_steps)
+
+    def __call__(self, q, k, v, scale: float | None = None, return_lse: bool = False):
+        if return_lse:
+            raise NotImplementedError(
+                "attention 'svg' does not run under Ring attention: Ring splits the video tokens over ranks, "
+                "so a rank would classify and mask heads on some frames only; use parallel ulysses= instead"
+            )
+        if torch.compiler.is_compiling():
+            return _opaque_svg(q, k, v, scale, self.handle)
+        return self.run(q, k, v, scale)
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+        grid = self.context.grid
+        if grid is None:
+            raise RuntimeError(
+                "attention 'svg': the model declared no video grid (its forward must call "
+                "dit_rt.ops.attention.set_video_grid(self, (frames, height, width)) before its blocks)"
+            )
+        n = math.prod(grid)
+        if k.shape[1] != n or q.shape[1] < n:
+            raise ValueError(
+                f"attention 'svg': {q.shape[1]} queries and {k.shape[1]} keys, but the declared video grid "
+                f"{grid} has {n} tokens (a sequence split over ranks, as by Ring attention, is not supported)"
+            )
+        if k.shape[2] != q.shape[2]:
+            raise NotImplementedError("attention 'svg' takes no grouped key/value heads")
+        if self.runs_dense():
+            return self.dense(q, k, v, scale)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        c = self.config
+        plan = make_plan(grid, c.block, c.budget, c.samples, q.device)
+        out, self.temporal = sparse_attention(q[:, :n], k, v, plan, scale)
+        if q.shape[1] > n:  # Ulysses' padding queries
+            out = torch.cat([out, self.dense(q[:, n:], k, v, scale)], dim=1)
+        return out
+
+
+@kernel_op("dit_rt::svg_attention", mutates_args=())
+def _opaque_svg(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, handle: int
+) -> torch.Tensor:
+    return _OPS[handle].run(q, k, v, scale).contiguous()
+
+
+@_opaque_svg.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, handle: int) -> torch.Tensor:
+    return q.new_empty((*q.shape[:3], v.shape[-1]))  # [B, L, H, Dv] in q's dtype
+
+
+def bind(model, config: SvgConfig, dense) -> dict:
+    """The svg ops for the model's declared video attention modules (see the module docstring)."""
+    from dit_rt.ops.attention import Attention, attention_context
+
+    owner = type(model).__name__
+    patterns = getattr(model, "video_attention", None)
+    if not patterns:
+        raise ValueError(
+            f"attention 'svg' needs a video model: {owner} declares no `video_attention` (the Attention "
+            "modules over its video tokens) and no video grid"
+        )
+    modules = [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, Attention) and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    ]
+    if not modules:
+        raise ValueError(f"attention 'svg': no Attention module of {owner} matches {list(patterns)}")
+    context = attention_context(model)
+    first = math.floor(config.dense_layers * len(modules))
+    return {m: SvgAttention(config, dense(m), context, i < first) for i, m in enumerate(modules)}
+
+
+SVG = register_mode(AttentionMode("svg", SvgConfig.parse, bind, ring=False))
