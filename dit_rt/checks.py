@@ -113,6 +113,34 @@ def check_image_use(constraints: Constraints, given: bool, model: str) -> None:
         )
 
 
+def check_not_applicable(model: str, *arguments: tuple[str, object, str]) -> None:
+    """Arguments a model does not take, each (name, value, why): a set one (not None) is an error."""
+    for name, value, why in arguments:
+        if value is not None:
+            raise ValueError(f"{name}={value!r} does not apply to {model}: {why}; leave it unset")
+
+
+def check_output_type(output_type) -> None:
+    if output_type not in ("frames", "latents"):
+        raise ValueError(f"output_type must be 'frames' or 'latents', got {output_type!r}")
+
+
+def check_max_sequence_length(value, most: int | None = None) -> None:
+    """The text encoder's token count: a positive int, at most `most` where the model has a cap."""
+    if most is not None and (not isinstance(value, int) or not 1 <= value <= most):
+        raise ValueError(f"max_sequence_length must be an int in [1, {most}], got {value!r}")
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_sequence_length must be a positive int, got {value!r}")
+
+
+def check_latents(latents, shape: tuple[int, ...], layout: str | None = None) -> None:
+    """Caller-given latents: the shape this request draws. layout: how a family names its shape, in place of
+    'shape {shape}'."""
+    if latents is not None and tuple(latents.shape) != shape:
+        what = layout or f"shape {shape}"
+        raise ValueError(f"latents must have {what} for this request, got {tuple(latents.shape)}")
+
+
 def _image_extensions() -> tuple[str, ...]:
     try:
         from PIL import Image

@@ -23,9 +23,11 @@ from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+
+from dit_rt import checks
 
 
 @dataclass
@@ -82,6 +84,27 @@ def as_prompt_list(prompt, name: str = "prompt") -> list[str]:
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
         return list(prompt)
     raise TypeError(f"{name} must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+
+
+def matched(value, prompts: list[str], name: str, plural: str | None = None) -> list[str]:
+    """A second prompt list (negatives, a second encoder's prompts) matched to `prompts`: one string is
+    repeated over the batch; a list must have one entry per prompt."""
+    values = as_prompt_list(value, name)
+    if len(values) == 1:
+        values = values * len(prompts)
+    if len(values) != len(prompts):
+        raise ValueError(f"{len(values)} {plural or name + 's'} for {len(prompts)} prompts")
+    return values
+
+
+class Resolved(NamedTuple):
+    """generate()'s size, frames, steps and guidance with the model's defaults applied."""
+
+    height: int
+    width: int
+    num_frames: int
+    steps: int
+    guidance: float
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -226,6 +249,10 @@ class Pipeline:
       decode_latents(latents)                -> float32 frames (B, T, H, W, C) in [0, 1] on the device
       expert_index(t)                        -> which of `transformers` runs at timestep t (default 0)
     and `guidance`, the name of its formula in GUIDANCE.
+
+    What every family's __init__ and generate() do the same way is here too: `start`, `build_text_encoder`,
+    `build_vae`, `build_transformer`, `offload_components`; `prompt_list`, `resolve` (defaults and their
+    checks), `metadata`, `t5_embeddings`, `vae_frames` and `decode_sized`.
     """
 
     guidance = "from_uncond"
@@ -234,6 +261,7 @@ class Pipeline:
     # check before loading reads them; FLUX.2 adds its text encoder to both).
     quantized_components: tuple[str, ...] = ("transformer", "transformer_2")
     streamed_components: tuple[str, ...] = ("transformer", "transformer_2")
+    metadata_notes: dict = {}  # recorded after the options in every output (Cosmos: no guardrail ran)
 
     def start(self, folder, index: dict, options, entry=None) -> Callable[..., torch.nn.Module]:
         """Set what every family sets first (`folder`, `options`, `entry`, `mesh`, `device`, `dtype`, `fsdp`
@@ -269,8 +297,113 @@ class Pipeline:
 
         return build
 
+    def build_text_encoder(self, build, component: str, blocks: str | None, linear_format=None):
+        """A large text encoder: built in the `sharded` placement and, under FSDP, sharded block by block
+        (`blocks`: the block list's name; None: the model's declared stacks)."""
+        model = build(component, self.dtype, linear_format, to=self.sharded)
+        if self.fsdp:
+            self.options.shard(model, blocks)
+        return model
+
+    def build_vae(self, build) -> None:
+        """`vae` in `vae_dtype` (options.vae_dtype, else the model dtype)."""
+        self.vae_dtype = self.options.vae_dtype or self.dtype
+        self.vae = build("vae", self.vae_dtype)
+
+    def build_transformer(self, build) -> None:
+        """`transformers`: the one transformer, in the weight format of linear=, with the runtime options
+        installed (dit_rt.runtime.RuntimeOptions.install)."""
+        self.transformers = [build("transformer", self.dtype, self.options.linear_format, to=self.sharded)]
+        self.options.install(self.transformers[0], self.entry.alias if self.entry else None)
+
+    def offload_components(self, *components: torch.nn.Module | None) -> None:
+        """Set `offload`: under offload= the `components` (text encoders, VAE, image encoder; None skipped)
+        visit the device only while used, and under offload="model" the transformers too."""
+        from dit_rt.offload import ComponentOffload
+
+        self.offload = ComponentOffload(self.device)
+        if self.options.offload:
+            for m in components:
+                if m is not None:
+                    self.offload.add(m)
+            if self.options.offload == "model":
+                for m in self.transformers:
+                    self.offload.add(m)
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.transformers[0]
+
     def expert_index(self, t: torch.Tensor) -> int:
         return 0
+
+    # ------------------------------------------------------------------------------------- generate helpers
+
+    @torch.no_grad()
+    def t5_embeddings(self, prompts: list[str], max_length: int, clean: bool = True) -> torch.Tensor:
+        """The T5 prompt states of `text_encoder` with `tokenizer` (Wan, Cosmos-Predict2, Cosmos-1.0): rows
+        past each prompt's tokens zeroed; clean: Wan's prompt cleaning (models/text/tokenizer.py)."""
+        from dit_rt.models.text import wan_text_embeddings
+
+        with self.offload.use(self.text_encoder):
+            return wan_text_embeddings(
+                self.text_encoder,
+                self.tokenizer,
+                prompts,
+                max_length=max_length,
+                device=self.device,
+                dtype=self.dtype,
+                clean=clean,
+            )
+
+    def model_name(self, fallback: str) -> str:
+        """How messages name the model: its catalog alias, else `fallback` ("this FLUX checkpoint")."""
+        return self.entry.alias if self.entry else fallback
+
+    @staticmethod
+    def prompt_list(prompt) -> list[str]:
+        if prompt is None:
+            raise ValueError("generate() needs a prompt")
+        return as_prompt_list(prompt)
+
+    def resolve(self, height, width, num_frames, num_inference_steps, guidance_scale) -> Resolved:
+        """Unset arguments -> the model's defaults (`self.defaults`). Steps and guidance are checked here,
+        sizes and frames by the family's check_inputs."""
+        d = self.defaults
+        steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
+        checks.check_positive_int("num_inference_steps", steps, d.num_inference_steps)
+        g = d.guidance_scale if guidance_scale is None else guidance_scale
+        checks.check_guidance("guidance_scale", g, d.guidance_scale)
+        return Resolved(
+            d.height if height is None else height,
+            d.width if width is None else width,
+            d.num_frames if num_frames is None else num_frames,
+            steps,
+            g,
+        )
+
+    def metadata(self, prompts: list[str], **fields) -> dict:
+        """What produced this output, for GenerationOutput.metadata and the saved file's comment: the model,
+        the prompt, the family's `fields` in order (None ones left out), the runtime options."""
+        from dit_rt import __version__
+
+        o = self.options
+        meta = dict(
+            model=self.entry.alias if self.entry else str(self.folder),
+            prompt=prompts[0] if len(prompts) == 1 else list(prompts),
+        )
+        meta.update((k, v) for k, v in fields.items() if v is not None)
+        meta["options"] = {
+            "dtype": str(o.dtype).removeprefix("torch."),
+            "attention": o.attention,
+            "linear": o.linear,
+            **{k: v for k, v in (("cache", o.cache), ("offload", o.offload)) if v},
+        }
+        meta.update(self.metadata_notes)
+        meta["software"] = f"dit_rt {__version__}"
+        return meta
+
+    # --------------------------------------------------------------------------------------------- decode
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -281,10 +414,33 @@ class Pipeline:
         """
         return self.decode_latents(latents).cpu()
 
+    def decode_sized(self, latents: torch.Tensor, height: int | None, width: int | None, cell: int):
+        """`decode` of latents that do not record the aspect ratio (packed tokens): the grid `_grid_hw`
+        (`cell` pixels a side; None before a generate()) is the last generate()'s, or height x width's."""
+        if height is not None or width is not None:
+            if height is None or width is None:
+                raise ValueError("decode() needs both height and width, or neither")
+            self._grid_hw = (height // cell, width // cell)
+        if self._grid_hw is None:
+            raise ValueError("decode() needs height and width: no generate() has run yet")
+        return self.decode_latents(latents).cpu()
+
+    def vae_frames(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latents [B, Z, (T,) h, w] in the VAE's dtype -> float32 frames [B, T, H, W, 3] in [0, 1] on the
+        device (T = 1 for an image VAE). Under parallel=, the ranks of a dp group (cfg x ulysses x ring)
+        decode together, each its own latent rows (dit_rt.parallel.vae)."""
+        from dit_rt.parallel.vae import parallel_decode
+
+        with self.offload.use(self.vae):
+            x = parallel_decode(self.vae, z, self.mesh.group("replica"))  # [B, 3, (T,) H, W] in [-1, 1]
+        frames = (x.float() / 2 + 0.5).clamp(0, 1)
+        return frames.permute(0, 2, 3, 1).unsqueeze(1) if frames.ndim == 4 else frames.permute(0, 2, 3, 4, 1)
+
     @torch.no_grad()
     def denoise(self, r: Request) -> GenerationOutput:
         """The shared loop: `r` (the whole batch) -> GenerationOutput with the whole batch on every rank."""
         from dit_rt.cache import cache_branch, cache_reset, cache_stats, cache_step
+        from dit_rt.ops.attention import attention_step
         from dit_rt.parallel import cfg_gather, cfg_select, gather_batch, split_batch
 
         mesh, batch, do_cfg = self.mesh, len(r.prompts), r.do_cfg
@@ -340,6 +496,7 @@ class Pipeline:
                     on_device.enter_context(self.offload.use(expert))
                     active = expert
                 cache_step(expert, i)
+                attention_step(self.transformers, i, r.steps)  # svg's dense warm-up steps
                 with cache_branch(expert, first_branch):
                     pred = self.predict(expert, latents, t, cond)
                 if cfg_parallel:

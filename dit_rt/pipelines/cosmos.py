@@ -33,16 +33,14 @@ import torch.nn.functional as F
 
 from dit_rt import checks
 from dit_rt.catalog import COSMOS_NEGATIVE, Defaults, Entry
-from dit_rt.offload import ComponentOffload
-from dit_rt.parallel.vae import parallel_decode
 from dit_rt.pipeline import (
     Conditioning,
     GenerationOutput,
     Pipeline,
     Request,
     StepCallback,
-    as_prompt_list,
     make_generator,
+    matched,
     register_pipeline,
     shared_seed,
 )
@@ -112,6 +110,7 @@ class CosmosPipeline(Pipeline):
     `prepare_latents`, `predict`, the scheduler and their extra `generate` options (`options`)."""
 
     guidance = "from_cond"
+    metadata_notes = {"guardrail": "none"}
     folder_constraints = staticmethod(constraints)
     fallback_defaults: Defaults  # diffusers' call defaults, for folders outside the catalog
     options_defaults: dict = {}  # family-specific generate() options and their defaults
@@ -121,7 +120,6 @@ class CosmosPipeline(Pipeline):
         from dit_rt.components import component_class
 
         build = self.start(folder, index, options, entry)
-        dtype, sharded = self.dtype, self.sharded
         self.class_name = index.get("_class_name")
         self.qwen = component_class(index, "text_encoder") == "Qwen2_5_VLForConditionalGeneration"
         if self.qwen:
@@ -132,26 +130,14 @@ class CosmosPipeline(Pipeline):
             from dit_rt.models.text import T5Tokenizer
 
             self.tokenizer = T5Tokenizer.from_folder(folder / "tokenizer")
-        self.text_encoder = build("text_encoder", dtype, to=sharded)
-        if self.fsdp:
-            options.shard(self.text_encoder, "model.layers" if self.qwen else "encoder.block")
-        self.vae_dtype = options.vae_dtype or dtype
-        self.vae = build("vae", self.vae_dtype)
-        self.transformers = [build("transformer", dtype, options.linear_format, to=sharded)]
-        options.install(self.transformers[0], entry.alias if entry else None)
-        self.offload = ComponentOffload(self.device)
-        if options.offload:
-            self.offload.add(self.text_encoder)
-            self.offload.add(self.vae)
-            if options.offload == "model":
-                self.offload.add(self.transformers[0])
+        blocks = "model.layers" if self.qwen else "encoder.block"
+        self.text_encoder = self.build_text_encoder(build, "text_encoder", blocks)
+        self.build_vae(build)
+        self.build_transformer(build)
+        self.offload_components(self.text_encoder, self.vae)
         self.scheduler = self.make_schedule(loaders.read_config(folder / "scheduler"))
         self.defaults = entry.defaults if entry else self.fallback_defaults
         self.constraints = constraints(folder, index)
-
-    @property
-    def transformer(self):
-        return self.transformers[0]
 
     # ---------------------------------------------------------------------------------------------- prompts
 
@@ -159,15 +145,11 @@ class CosmosPipeline(Pipeline):
     def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512) -> torch.Tensor:
         """Predict2: T5 states [B, L, 1024] with the rows past each prompt's tokens zeroed. Predict2.5: the
         Qwen2.5-VL hidden-state stack [B, L, 28 * 3584] of the chat-templated prompt, run without a mask."""
-        ids, mask = self.tokenizer.encode(prompts, max_length=max_sequence_length)
+        if not self.qwen:  # Wan's recipe without its prompt cleaning
+            return self.t5_embeddings(prompts, max_sequence_length, clean=False)
+        ids, _ = self.tokenizer.encode(prompts, max_length=max_sequence_length)
         with self.offload.use(self.text_encoder):
-            device = next(self.text_encoder.parameters()).device
-            if self.qwen:
-                states = self.text_encoder(ids.to(device))
-            else:
-                mask = mask.to(device)
-                states = self.text_encoder(ids.to(device), mask)
-                states = states.masked_fill(mask[..., None] == 0, 0.0)  # zeros, even where a row overflowed
+            states = self.text_encoder(ids.to(next(self.text_encoder.parameters()).device))
         return states.to(self.device, self.dtype)
 
     # ---------------------------------------------------------------------------------------------- generate
@@ -200,40 +182,26 @@ class CosmosPipeline(Pipeline):
         Video2World); conditional_frame_timestep and num_latent_conditional_frames (Predict2.5).
         guidance_scale_2 and flow_shift do not apply (one transformer; a fixed Karras schedule)."""
         d = self.defaults
-        name = self.entry.alias if self.entry else f"this {self.class_name} checkpoint"
+        name = self.model_name(f"this {self.class_name} checkpoint")
         checks.check_image_use(self.constraints, image is not None, name)
-        for arg, value, why in (
+        checks.check_not_applicable(
+            name,
             ("guidance_scale_2", guidance_scale_2, "Cosmos has one transformer"),
             ("flow_shift", flow_shift, "Cosmos samples a fixed Karras schedule"),
-        ):
-            if value is not None:
-                raise ValueError(f"{arg}={value!r} does not apply to {name}: {why}; leave it unset")
+        )
         unknown = set(options) - set(self.options_defaults)
         if unknown:
             known = ", ".join(self.options_defaults) or "none"
             raise TypeError(f"{name}: unknown generate() option(s) {sorted(unknown)}; its own: {known}")
         extra = {**self.options_defaults, **{k: v for k, v in options.items() if v is not None}}
-        if prompt is None:
-            raise ValueError("generate() needs a prompt")
-        prompts = as_prompt_list(prompt)
-        negatives = as_prompt_list(
-            d.negative_prompt if negative_prompt is None else negative_prompt, "negative_prompt"
+        prompts = self.prompt_list(prompt)
+        negative = d.negative_prompt if negative_prompt is None else negative_prompt
+        negatives = matched(negative, prompts, "negative_prompt", "negative prompts")
+        height, width, num_frames, steps, g = self.resolve(
+            height, width, num_frames, num_inference_steps, guidance_scale
         )
-        if len(negatives) == 1:
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        height = d.height if height is None else height
-        width = d.width if width is None else width
-        num_frames = d.num_frames if num_frames is None else num_frames
-        steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
-        checks.check_positive_int("num_inference_steps", steps, d.num_inference_steps)
-        g = d.guidance_scale if guidance_scale is None else guidance_scale
-        checks.check_guidance("guidance_scale", g, d.guidance_scale)
-        if not isinstance(max_sequence_length, int) or max_sequence_length < 1:
-            raise ValueError(f"max_sequence_length must be a positive int, got {max_sequence_length!r}")
-        if output_type not in ("frames", "latents"):
-            raise ValueError(f"output_type must be 'frames' or 'latents', got {output_type!r}")
+        checks.check_max_sequence_length(max_sequence_length)
+        checks.check_output_type(output_type)
         shape = self.check_inputs(height, width, num_frames, len(prompts), latents)
         frames = self.check_conditioning(image, num_frames, extra)
         request = Request(
@@ -242,7 +210,16 @@ class CosmosPipeline(Pipeline):
             shape=shape,
             steps=steps,
             guidance=(g,),
-            metadata=self._metadata(prompts, negative_prompt, image, height, width, num_frames, steps, g),
+            metadata=self.metadata(
+                prompts,
+                negative_prompt=negative_prompt,  # the default negative prompt is long and implied
+                image=str(image) if isinstance(image, (str, Path)) else None,
+                height=height,
+                width=width,
+                num_frames=num_frames,
+                num_inference_steps=steps,
+                guidance_scale=g,
+            ),
             latents=latents,
             seed=seed,
             encode=dict(max_sequence_length=max_sequence_length),
@@ -269,8 +246,7 @@ class CosmosPipeline(Pipeline):
             height // s,
             width // s,
         )
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape} for this request, got {tuple(latents.shape)}")
+        checks.check_latents(latents, shape)
         return shape
 
     def check_conditioning(self, image, num_frames: int, extra: dict) -> list | None:
@@ -302,36 +278,7 @@ class CosmosPipeline(Pipeline):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents [B, Z, T, h, w] -> float32 frames [B, T', H, W, 3] in [0, 1] on the device.
         Under parallel=, the ranks of a dp group decode together (dit_rt.parallel.vae)."""
-        z = self.vae.denormalize_latents(latents.to(self.vae_dtype))  # Cosmos' sigma_data is 1
-        with self.offload.use(self.vae):
-            video = parallel_decode(self.vae, z, self.mesh.group("replica"))  # [B, C, T, H, W] in [-1, 1]
-        frames = (video.float() / 2 + 0.5).clamp(0, 1)
-        return frames.permute(0, 2, 3, 4, 1)
-
-    def _metadata(self, prompts, negative_prompt, image, height, width, num_frames, steps, g) -> dict:
-        """What produced this output, for GenerationOutput.metadata and the saved file's comment."""
-        from dit_rt import __version__
-
-        o = self.options
-        meta = dict(
-            model=self.entry.alias if self.entry else str(self.folder),
-            prompt=prompts[0] if len(prompts) == 1 else list(prompts),
-        )
-        if negative_prompt is not None:  # the default negative prompt is long and implied
-            meta["negative_prompt"] = negative_prompt
-        if isinstance(image, (str, Path)):
-            meta["image"] = str(image)
-        meta.update(height=height, width=width, num_frames=num_frames, num_inference_steps=steps)
-        meta["guidance_scale"] = g
-        meta["options"] = {
-            "dtype": str(o.dtype).removeprefix("torch."),
-            "attention": o.attention,
-            "linear": o.linear,
-            **{k: v for k, v in (("cache", o.cache), ("offload", o.offload)) if v},
-        }
-        meta["guardrail"] = "none"
-        meta["software"] = f"dit_rt {__version__}"
-        return meta
+        return self.vae_frames(self.vae.denormalize_latents(latents.to(self.vae_dtype)))  # sigma_data is 1
 
 
 # ------------------------------------------------------------------------------------------------ Predict2

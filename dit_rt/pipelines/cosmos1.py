@@ -19,15 +19,13 @@ import torch
 
 from dit_rt import checks
 from dit_rt.catalog import COSMOS_NEGATIVE, Defaults, Entry
-from dit_rt.offload import ComponentOffload
-from dit_rt.parallel.vae import parallel_decode
 from dit_rt.pipeline import (
     Conditioning,
     GenerationOutput,
     Pipeline,
     Request,
     StepCallback,
-    as_prompt_list,
+    matched,
     register_pipeline,
 )
 from dit_rt.runtime import RuntimeOptions
@@ -53,6 +51,7 @@ class CosmosTextToWorldPipeline(Pipeline):
     """Cosmos-1.0-Diffusion-7B / 14B Text2World: a 704x1280x121 clip at 30 fps per prompt."""
 
     guidance = "from_cond"
+    metadata_notes = {"guardrail": "none"}
     folder_constraints = staticmethod(constraints)
 
     def __init__(self, folder: Path, index: dict, options: RuntimeOptions, entry: Entry | None = None):
@@ -61,31 +60,17 @@ class CosmosTextToWorldPipeline(Pipeline):
         from dit_rt.schedulers.edm import EDMEulerScheduler
 
         build = self.start(folder, index, options, entry)
-        dtype, sharded = self.dtype, self.sharded
         self.tokenizer = T5Tokenizer.from_folder(folder / "tokenizer")
-        self.text_encoder = build("text_encoder", dtype, to=sharded)
-        if self.fsdp:
-            options.shard(self.text_encoder, "encoder.block")
-        self.vae_dtype = options.vae_dtype or dtype
-        self.vae = build("vae", self.vae_dtype)
-        self.transformers = [build("transformer", dtype, options.linear_format, to=sharded)]
-        options.install(self.transformers[0], entry.alias if entry else None)
-        self.offload = ComponentOffload(self.device)
-        if options.offload:
-            self.offload.add(self.text_encoder)
-            self.offload.add(self.vae)
-            if options.offload == "model":
-                self.offload.add(self.transformers[0])
+        self.text_encoder = self.build_text_encoder(build, "text_encoder", "encoder.block")
+        self.build_vae(build)
+        self.build_transformer(build)
+        self.offload_components(self.text_encoder, self.vae)
         self.scheduler = EDMEulerScheduler.from_config(loaders.read_config(folder / "scheduler"))
         # A folder outside the catalog: diffusers' call defaults.
         self.defaults = (
             entry.defaults if entry else Defaults(704, 1280, 121, 30, 36, 7.0, None, None, COSMOS_NEGATIVE)
         )
         self.constraints = constraints(folder, index)
-
-    @property
-    def transformer(self):
-        return self.transformers[0]
 
     # ---------------------------------------------------------------------------------------------- inputs
 
@@ -103,23 +88,14 @@ class CosmosTextToWorldPipeline(Pipeline):
             height // vae.spatial_compression_ratio,
             width // vae.spatial_compression_ratio,
         )
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape} for this request, got {tuple(latents.shape)}")
+        checks.check_latents(latents, shape)
         return shape
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512) -> torch.Tensor:
         """T5 states [B, max_sequence_length, d_model] with the rows past each prompt's tokens (incl. `</s>`)
-        zeroed. The encoder sees only the longest prompt's tokens: with the padding keys masked the real rows
-        do not depend on the padding columns, and the rows past the length are zeroed anyway."""
-        ids, mask = self.tokenizer.encode(prompts, max_length=max_sequence_length)
-        n = int(mask.sum(dim=1).max())
-        with self.offload.use(self.text_encoder):
-            device = next(self.text_encoder.parameters()).device
-            states = self.text_encoder(ids[:, :n].to(device), mask[:, :n].to(device))  # [B, n, d_model]
-        out = states.new_zeros(len(prompts), ids.shape[1], states.shape[-1])
-        out[:, :n] = states * mask[:, :n, None].to(states)
-        return out.to(self.device, self.dtype)
+        zeroed: Wan's recipe (models/text/tokenizer.py) without its prompt cleaning."""
+        return self.t5_embeddings(prompts, max_sequence_length, clean=False)
 
     # ---------------------------------------------------------------------------------------------- generate
 
@@ -150,37 +126,23 @@ class CosmosTextToWorldPipeline(Pipeline):
         the output's. guidance_scale_2 and flow_shift (the CLI passes them) do not apply: one transformer, EDM
         sigmas."""
         d = self.defaults
-        name = self.entry.alias if self.entry else "this Cosmos-1.0 checkpoint"
+        name = self.model_name("this Cosmos-1.0 checkpoint")
         checks.check_image_use(self.constraints, image is not None, name)
-        for arg, value, why in (
+        checks.check_not_applicable(
+            name,
             ("guidance_scale_2", guidance_scale_2, "it has one transformer"),
             ("flow_shift", flow_shift, "it samples on EDM sigmas, not flow sigmas"),
-        ):
-            if value is not None:
-                raise ValueError(f"{arg}={value!r} does not apply to {name}: {why}; leave it unset")
-        if prompt is None:
-            raise ValueError("generate() needs a prompt")
-        prompts = as_prompt_list(prompt)
-        negatives = as_prompt_list(
-            d.negative_prompt if negative_prompt is None else negative_prompt, "negative_prompt"
         )
-        if len(negatives) == 1:
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        height = d.height if height is None else height
-        width = d.width if width is None else width
-        num_frames = d.num_frames if num_frames is None else num_frames
-        steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
-        checks.check_positive_int("num_inference_steps", steps, d.num_inference_steps)
-        g = d.guidance_scale if guidance_scale is None else guidance_scale
-        checks.check_guidance("guidance_scale", g, d.guidance_scale)
+        prompts = self.prompt_list(prompt)
+        negative = d.negative_prompt if negative_prompt is None else negative_prompt
+        negatives = matched(negative, prompts, "negative_prompt", "negative prompts")
+        height, width, num_frames, steps, g = self.resolve(
+            height, width, num_frames, num_inference_steps, guidance_scale
+        )
         fps = d.fps if fps is None else fps
         checks.check_positive("fps", fps, d.fps)
-        if not isinstance(max_sequence_length, int) or max_sequence_length < 1:
-            raise ValueError(f"max_sequence_length must be a positive int, got {max_sequence_length!r}")
-        if output_type not in ("frames", "latents"):
-            raise ValueError(f"output_type must be 'frames' or 'latents', got {output_type!r}")
+        checks.check_max_sequence_length(max_sequence_length)
+        checks.check_output_type(output_type)
         shape = self.check_inputs(height, width, num_frames, len(prompts), latents)
         request = Request(
             prompts=prompts,
@@ -188,7 +150,16 @@ class CosmosTextToWorldPipeline(Pipeline):
             shape=shape,
             steps=steps,
             guidance=(g,),
-            metadata=self._metadata(prompts, negative_prompt, height, width, num_frames, steps, g, fps),
+            metadata=self.metadata(
+                prompts,
+                negative_prompt=negative_prompt,  # the default negative prompt is long and implied
+                height=height,
+                width=width,
+                num_frames=num_frames,
+                num_inference_steps=steps,
+                guidance_scale=g,
+                fps=fps,
+            ),
             latents=latents,
             seed=seed,
             encode=dict(max_sequence_length=max_sequence_length),
@@ -221,30 +192,4 @@ class CosmosTextToWorldPipeline(Pipeline):
         parallel=, the ranks of a dp group decode together (dit_rt.parallel.vae)."""
         # De-normalised in float32 (per channel and latent frame), then in the tokenizer's dtype.
         z = self.vae.denormalize_latents(latents.float(), self.scheduler.config.sigma_data).to(self.vae_dtype)
-        with self.offload.use(self.vae):
-            video = parallel_decode(self.vae, z, self.mesh.group("replica"))  # [B, C, T, H, W] ~[-1, 1]
-        frames = (video.float() / 2 + 0.5).clamp(0, 1)
-        return frames.permute(0, 2, 3, 4, 1)
-
-    def _metadata(self, prompts, negative_prompt, height, width, num_frames, steps, g, fps) -> dict:
-        """What produced this output, for GenerationOutput.metadata and the saved file's comment."""
-        from dit_rt import __version__
-
-        o = self.options
-        meta = dict(
-            model=self.entry.alias if self.entry else str(self.folder),
-            prompt=prompts[0] if len(prompts) == 1 else list(prompts),
-        )
-        if negative_prompt is not None:  # the default negative prompt is long and implied
-            meta["negative_prompt"] = negative_prompt
-        meta.update(height=height, width=width, num_frames=num_frames, num_inference_steps=steps)
-        meta.update(guidance_scale=g, fps=fps)
-        meta["options"] = {
-            "dtype": str(o.dtype).removeprefix("torch."),
-            "attention": o.attention,
-            "linear": o.linear,
-            **{k: v for k, v in (("cache", o.cache), ("offload", o.offload)) if v},
-        }
-        meta["guardrail"] = "none"
-        meta["software"] = f"dit_rt {__version__}"
-        return meta
+        return self.vae_frames(z)

@@ -19,15 +19,13 @@ import torch
 
 from dit_rt import checks
 from dit_rt.catalog import Defaults, Entry
-from dit_rt.offload import ComponentOffload
-from dit_rt.parallel.vae import parallel_decode
 from dit_rt.pipeline import (
     Conditioning,
     GenerationOutput,
     Pipeline,
     Request,
     StepCallback,
-    as_prompt_list,
+    matched,
     register_pipeline,
 )
 from dit_rt.runtime import RuntimeOptions
@@ -96,34 +94,19 @@ class FluxPipeline(Pipeline):
         from dit_rt.schedulers import FlowMatchEulerScheduler
 
         build = self.start(folder, index, options, entry)
-        device, dtype, fsdp, sharded = self.device, self.dtype, self.fsdp, self.sharded
-
         self.tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
         self.tokenizer_2 = T5Tokenizer.from_folder(folder / "tokenizer_2")
-        self.text_encoder = build("text_encoder", dtype)
-        self.text_encoder_2 = build("text_encoder_2", dtype, to=sharded)
-        if fsdp:
-            options.shard(self.text_encoder_2, "encoder.block")
-        self.vae_dtype = options.vae_dtype or dtype
-        self.vae = build("vae", self.vae_dtype)
-        self.transformers = [build("transformer", dtype, options.linear_format, to=sharded)]
-        options.install(self.transformers[0], entry.alias if entry else None)
-        self.offload = ComponentOffload(device)
-        if options.offload:
-            for m in (self.text_encoder, self.text_encoder_2, self.vae):
-                self.offload.add(m)
-            if options.offload == "model":
-                self.offload.add(self.transformers[0])
+        self.text_encoder = build("text_encoder", self.dtype)
+        self.text_encoder_2 = self.build_text_encoder(build, "text_encoder_2", "encoder.block")
+        self.build_vae(build)
+        self.build_transformer(build)
+        self.offload_components(self.text_encoder, self.text_encoder_2, self.vae)
         self.scheduler_config = loaders.read_config(folder / "scheduler")
         self.scheduler = FlowMatchEulerScheduler.from_config(self.scheduler_config)
         self.vae_scale = self.vae.config.spatial_scale
         self.defaults = entry.defaults if entry else Defaults(1024, 1024, 1, 1, 28, 3.5)
         self.constraints = constraints(folder, index)
-        self._latent_hw: tuple[int, int] | None = None  # (h, w) of the latest request's VAE latents
-
-    @property
-    def transformer(self):
-        return self.transformers[0]
+        self._grid_hw: tuple[int, int] | None = None  # (h, w) of the latest request's VAE latents
 
     # ---------------------------------------------------------------------------------------------- inputs
 
@@ -136,11 +119,8 @@ class FluxPipeline(Pipeline):
         h, w = height // self.vae_scale, width // self.vae_scale
         channels = self.transformer.cfg.in_channels // (PACK * PACK)
         packed = (batch, (h // PACK) * (w // PACK), channels * PACK * PACK)
-        if latents is not None and tuple(latents.shape) != packed:
-            raise ValueError(
-                f"latents must have FluxPipeline's packed shape {packed} (batch, (H/16)*(W/16), 64) for this "
-                f"request, got {tuple(latents.shape)}"
-            )
+        layout = f"FluxPipeline's packed shape {packed} (batch, (H/16)*(W/16), 64)"
+        checks.check_latents(latents, packed, layout)
         return (batch, channels, h, w)
 
     @torch.no_grad()
@@ -188,34 +168,21 @@ class FluxPipeline(Pipeline):
         s (v_pos - v_neg)). prompt_2 / negative_prompt_2: the T5 prompts (default: prompt / negative_prompt).
         latents: FluxPipeline's packed layout [B, (H/16)(W/16), 64]. num_frames must be 1 (or None);
         guidance_scale_2 and flow_shift do not apply to FLUX (the shift follows the image size)."""
-        d = self.defaults
-        name = self.entry.alias if self.entry else "this FLUX checkpoint"
+        name = self.model_name("this FLUX checkpoint")
         checks.check_image_use(self.constraints, image is not None, name)
-        for arg, value, why in (
+        checks.check_not_applicable(
+            name,
             ("guidance_scale_2", guidance_scale_2, "FLUX has one transformer"),
             ("flow_shift", flow_shift, "FLUX shifts its schedule by the image size (mu)"),
-        ):
-            if value is not None:
-                raise ValueError(f"{arg}={value!r} does not apply to {name}: {why}; leave it unset")
+        )
         if num_frames is not None:
             checks.check_frames(num_frames, None, single_frame=True)
-        if prompt is None:
-            raise ValueError("generate() needs a prompt")
-        prompts = as_prompt_list(prompt)
+        prompts = self.prompt_list(prompt)
         prompts_2 = self._paired(prompt_2, prompts, "prompt_2")
-        height = d.height if height is None else height
-        width = d.width if width is None else width
-        steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
-        checks.check_positive_int("num_inference_steps", steps, d.num_inference_steps)
-        g = d.guidance_scale if guidance_scale is None else guidance_scale
-        checks.check_guidance("guidance_scale", g, d.guidance_scale)
+        height, width, _, steps, g = self.resolve(height, width, 1, num_inference_steps, guidance_scale)
         checks.check_guidance("true_cfg_scale", true_cfg_scale, 1.0)
-        if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= MAX_T5_TOKENS:
-            raise ValueError(
-                f"max_sequence_length must be an int in [1, {MAX_T5_TOKENS}], got {max_sequence_length!r}"
-            )
-        if output_type not in ("frames", "latents"):
-            raise ValueError(f"output_type must be 'frames' or 'latents', got {output_type!r}")
+        checks.check_max_sequence_length(max_sequence_length, MAX_T5_TOKENS)
+        checks.check_output_type(output_type)
         shape = self.check_inputs(height, width, len(prompts), latents)
         negatives = None
         if negative_prompt is not None and true_cfg_scale > 1:  # diffusers' rule for true CFG
@@ -226,7 +193,7 @@ class FluxPipeline(Pipeline):
             log.warning(
                 "dit_rt: negative_prompt is used only with true_cfg_scale > 1 (FLUX's true CFG); ignored"
             )
-        self._latent_hw = shape[2:]  # the packed tokens do not record the aspect ratio: decode reads it
+        self._grid_hw = shape[2:]  # the packed tokens do not record the aspect ratio: decode reads it
         if latents is not None:  # the loop and prepare_latents work on the unpacked draw
             latents = unpack_latents(latents, shape[2], shape[3])
         request = Request(
@@ -235,14 +202,21 @@ class FluxPipeline(Pipeline):
             shape=shape,
             steps=steps,
             guidance=(true_cfg_scale,),
-            metadata=self._metadata(
-                prompts, prompt_2, negative_prompt, height, width, steps, g, true_cfg_scale
+            metadata=self.metadata(
+                prompts,
+                prompt_2=prompt_2,
+                negative_prompt=negative_prompt,
+                height=height,
+                width=width,
+                num_inference_steps=steps,
+                guidance_scale=g,
+                true_cfg_scale=true_cfg_scale if true_cfg_scale != 1.0 else None,
             ),
             latents=latents,
             seed=seed,
             encode=dict(max_sequence_length=max_sequence_length),
             extra=dict(guidance_scale=g),
-            fps=d.fps,
+            fps=self.defaults.fps,
             output_type=output_type,
             progress_bar=progress_bar,
             callback=callback,
@@ -252,14 +226,7 @@ class FluxPipeline(Pipeline):
     @staticmethod
     def _paired(value, prompts: list[str], name: str) -> list[str]:
         """A second prompt list matched to `prompts`: None -> prompts, one string -> repeated."""
-        if value is None:
-            return list(prompts)
-        values = as_prompt_list(value, name)
-        if len(values) == 1:
-            values = values * len(prompts)
-        if len(values) != len(prompts):
-            raise ValueError(f"{len(values)} {name}s for {len(prompts)} prompts")
-        return values
+        return list(prompts) if value is None else matched(value, prompts, name)
 
     # -------------------------------------------------------------------------------------------- loop hooks
 
@@ -302,46 +269,11 @@ class FluxPipeline(Pipeline):
     def decode(self, latents: torch.Tensor, height: int | None = None, width: int | None = None):
         """Packed latents [B, L, 64] -> float32 frames (B, 1, H, W, C) in [0, 1] on the CPU. The packed
         layout does not record the aspect ratio: height / width default to the last generate()'s."""
-        if height is not None or width is not None:
-            if height is None or width is None:
-                raise ValueError("decode() needs both height and width, or neither")
-            self._latent_hw = (height // self.vae_scale, width // self.vae_scale)
-        if self._latent_hw is None:
-            raise ValueError("decode() needs height and width: no generate() has run yet")
-        return self.decode_latents(latents).cpu()
+        return self.decode_sized(latents, height, width, self.vae_scale)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Packed latents [B, L, 64] -> float32 frames [B, 1, H, W, 3] in [0, 1] on the device, at the
         latent size of the current request. Under parallel=, the ranks of a dp group decode together, each
         its own latent rows (dit_rt.parallel.vae)."""
-        h, w = self._latent_hw
-        z = self.vae.denormalize_latents(unpack_latents(latents, h, w).to(self.vae_dtype))  # [B, 16, h, w]
-        with self.offload.use(self.vae):
-            image = parallel_decode(self.vae, z, self.mesh.group("replica"))  # [B, 3, H, W] in [-1, 1]
-        frames = (image.float() / 2 + 0.5).clamp(0, 1)
-        return frames.permute(0, 2, 3, 1).unsqueeze(1)
-
-    def _metadata(self, prompts, prompt_2, negative_prompt, height, width, steps, g, true_cfg) -> dict:
-        """What produced this output, for GenerationOutput.metadata and the saved file's comment."""
-        from dit_rt import __version__
-
-        o = self.options
-        meta = dict(
-            model=self.entry.alias if self.entry else str(self.folder),
-            prompt=prompts[0] if len(prompts) == 1 else list(prompts),
-        )
-        if prompt_2 is not None:
-            meta["prompt_2"] = prompt_2
-        if negative_prompt is not None:
-            meta["negative_prompt"] = negative_prompt
-        meta.update(height=height, width=width, num_inference_steps=steps, guidance_scale=g)
-        if true_cfg != 1.0:
-            meta["true_cfg_scale"] = true_cfg
-        meta["options"] = {
-            "dtype": str(o.dtype).removeprefix("torch."),
-            "attention": o.attention,
-            "linear": o.linear,
-            **{k: v for k, v in (("cache", o.cache), ("offload", o.offload)) if v},
-        }
-        meta["software"] = f"dit_rt {__version__}"
-        return meta
+        z = unpack_latents(latents, *self._grid_hw).to(self.vae_dtype)
+        return self.vae_frames(self.vae.denormalize_latents(z))  # from [B, 16, h, w]

@@ -21,15 +21,13 @@ import torch
 
 from dit_rt import checks
 from dit_rt.catalog import Defaults, Entry
-from dit_rt.offload import ComponentOffload, apply_offload
-from dit_rt.parallel.vae import parallel_decode
+from dit_rt.offload import apply_offload
 from dit_rt.pipeline import (
     Conditioning,
     GenerationOutput,
     Pipeline,
     Request,
     StepCallback,
-    as_prompt_list,
     register_pipeline,
 )
 from dit_rt.runtime import RuntimeOptions
@@ -138,33 +136,22 @@ class Flux2Pipeline(Pipeline):
         from dit_rt.schedulers import FlowMatchEulerScheduler
 
         build = self.start(folder, index, options, entry)
-        dtype, fmt = self.dtype, options.linear_format
         self.tokenizer = Flux2PromptTokenizer.from_folder(folder / "tokenizer")
         # The 24B text stack takes the transformer's weight format and is sharded / block-offloaded like it:
         # FLUX.2-dev fits one GPU only with both quantized, or both streamed.
-        self.text_encoder = build("text_encoder", dtype, fmt, to=self.sharded)
-        if self.fsdp:
-            options.shard(self.text_encoder)
-        self.vae_dtype = options.vae_dtype or dtype
-        self.vae = build("vae", self.vae_dtype)
-        self.transformers = [build("transformer", dtype, fmt, to=self.sharded)]
-        options.install(self.transformers[0], entry.alias if entry else None)
-        self.offload = ComponentOffload(self.device)
-        if options.offload == "block":
+        self.text_encoder = self.build_text_encoder(build, "text_encoder", None, options.linear_format)
+        self.build_vae(build)
+        self.build_transformer(build)
+        if options.offload == "block":  # the text encoder streams its blocks like the transformer
             apply_offload(self.text_encoder, "block", device=self.device)
-            self.offload.add(self.vae)
-        elif options.offload == "model":
-            for m in (self.text_encoder, self.vae, self.transformers[0]):
-                self.offload.add(m)
+            self.offload_components(self.vae)
+        else:
+            self.offload_components(self.text_encoder, self.vae)
         self.scheduler = FlowMatchEulerScheduler.from_config(loaders.read_config(folder / "scheduler"))
         self.grid = self.vae.config.spatial_scale * PATCH  # pixels per token side (16)
         self.defaults = entry.defaults if entry else Defaults(1024, 1024, 1, 1, 50, 4.0)
         self.constraints = constraints(folder, index)
-        self._token_hw: tuple[int, int] | None = None  # (rows, cols) of the latest request's token grid
-
-    @property
-    def transformer(self):
-        return self.transformers[0]
+        self._grid_hw: tuple[int, int] | None = None  # (rows, cols) of the latest request's token grid
 
     # ---------------------------------------------------------------------------------------------- inputs
 
@@ -174,11 +161,7 @@ class Flux2Pipeline(Pipeline):
         checks.check_multiple("height", height, self.grid)
         checks.check_multiple("width", width, self.grid)
         shape = (batch, self.transformer.cfg.in_channels, height // self.grid, width // self.grid)
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(
-                f"latents must have Flux2Pipeline's shape {shape} (batch, 128, H/16, W/16) for this request, "
-                f"got {tuple(latents.shape)}"
-            )
+        checks.check_latents(latents, shape, f"Flux2Pipeline's shape {shape} (batch, 128, H/16, W/16)")
         return shape
 
     @torch.no_grad()
@@ -221,37 +204,33 @@ class Flux2Pipeline(Pipeline):
         batch; height / width default to the first reference's (cropped) size, else the model's default.
         latents: Flux2Pipeline's layout [B, 128, H/16, W/16]. num_frames must be 1 (or None);
         negative_prompt, guidance_scale_2 and flow_shift do not apply to FLUX.2."""
-        d = self.defaults
-        name = self.entry.alias if self.entry else "this FLUX.2 checkpoint"
-        for arg, value, why in (
+        checks.check_not_applicable(
+            self.model_name("this FLUX.2 checkpoint"),
             ("negative_prompt", negative_prompt, "FLUX.2 embeds its guidance: no unconditional pass"),
             ("guidance_scale_2", guidance_scale_2, "FLUX.2 has one transformer"),
             ("flow_shift", flow_shift, "FLUX.2 shifts its schedule by the image size and steps (mu)"),
-        ):
-            if value is not None:
-                raise ValueError(f"{arg}={value!r} does not apply to {name}: {why}; leave it unset")
+        )
         if num_frames is not None:
             checks.check_frames(num_frames, None, single_frame=True)
-        if prompt is None:
-            raise ValueError("generate() needs a prompt")
-        prompts = as_prompt_list(prompt)
+        prompts = self.prompt_list(prompt)
         images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
         refs = [reference_image(im, self.grid) for im in images]  # [1, 3, H, W] each, in [-1, 1]
         if refs:
             height = refs[0].shape[2] if height is None else height
             width = refs[0].shape[3] if width is None else width
-        height = d.height if height is None else height
-        width = d.width if width is None else width
-        steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
-        checks.check_positive_int("num_inference_steps", steps, d.num_inference_steps)
-        g = d.guidance_scale if guidance_scale is None else guidance_scale
-        checks.check_guidance("guidance_scale", g, d.guidance_scale)
+        height, width, _, steps, g = self.resolve(height, width, 1, num_inference_steps, guidance_scale)
         checks.check_positive_int("max_sequence_length", max_sequence_length, MAX_TOKENS)
-        if output_type not in ("frames", "latents"):
-            raise ValueError(f"output_type must be 'frames' or 'latents', got {output_type!r}")
+        checks.check_output_type(output_type)
         shape = self.check_inputs(height, width, len(prompts), latents)
-        self._token_hw = shape[2:]  # the tokens do not record the aspect ratio: decode reads it
-        metadata = self._metadata(prompts, len(refs), height, width, steps, g)
+        self._grid_hw = shape[2:]  # the tokens do not record the aspect ratio: decode reads it
+        metadata = self.metadata(
+            prompts,
+            reference_images=len(refs) or None,
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=g,
+        )
         request = Request(
             prompts=prompts,
             negatives=None,
@@ -263,7 +242,7 @@ class Flux2Pipeline(Pipeline):
             seed=seed,
             encode=dict(max_sequence_length=max_sequence_length),
             extra=dict(guidance_scale=g, references=refs),
-            fps=d.fps,
+            fps=self.defaults.fps,
             output_type=output_type,
             progress_bar=progress_bar,
             callback=callback,
@@ -314,41 +293,11 @@ class Flux2Pipeline(Pipeline):
     def decode(self, latents: torch.Tensor, height: int | None = None, width: int | None = None):
         """Tokens [B, L, 128] -> float32 frames (B, 1, H, W, C) in [0, 1] on the CPU. The tokens do not
         record the aspect ratio: height / width default to the last generate()'s."""
-        if height is not None or width is not None:
-            if height is None or width is None:
-                raise ValueError("decode() needs both height and width, or neither")
-            self._token_hw = (height // self.grid, width // self.grid)
-        if self._token_hw is None:
-            raise ValueError("decode() needs height and width: no generate() has run yet")
-        return self.decode_latents(latents).cpu()
+        return self.decode_sized(latents, height, width, self.grid)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Tokens [B, L, 128] -> float32 frames [B, 1, H, W, 3] in [0, 1] on the device, at the token grid
         of the current request. Under parallel=, the ranks of a dp group decode together
         (dit_rt.parallel.vae)."""
-        z = self.vae.from_transformer(unpack(latents, *self._token_hw).to(self.vae_dtype))  # [B, 32, h, w]
-        with self.offload.use(self.vae):
-            image = parallel_decode(self.vae, z, self.mesh.group("replica"))  # [B, 3, H, W] in [-1, 1]
-        frames = (image.float() / 2 + 0.5).clamp(0, 1)
-        return frames.permute(0, 2, 3, 1).unsqueeze(1)
-
-    def _metadata(self, prompts, references: int, height, width, steps, g) -> dict:
-        """What produced this output, for GenerationOutput.metadata and the saved file's comment."""
-        from dit_rt import __version__
-
-        o = self.options
-        meta = dict(
-            model=self.entry.alias if self.entry else str(self.folder),
-            prompt=prompts[0] if len(prompts) == 1 else list(prompts),
-        )
-        if references:
-            meta["reference_images"] = references
-        meta.update(height=height, width=width, num_inference_steps=steps, guidance_scale=g)
-        meta["options"] = {
-            "dtype": str(o.dtype).removeprefix("torch."),
-            "attention": o.attention,
-            "linear": o.linear,
-            **{k: v for k, v in (("cache", o.cache), ("offload", o.offload)) if v},
-        }
-        meta["software"] = f"dit_rt {__version__}"
-        return meta
+        z = self.vae.from_transformer(unpack(latents, *self._grid_hw).to(self.vae_dtype))  # [B, 32, h, w]
+        return self.vae_frames(z)

@@ -17,15 +17,13 @@ import torch
 
 from dit_rt import checks
 from dit_rt.catalog import Defaults, Entry
-from dit_rt.offload import ComponentOffload
-from dit_rt.parallel.vae import parallel_decode
 from dit_rt.pipeline import (
     Conditioning,
     GenerationOutput,
     Pipeline,
     Request,
     StepCallback,
-    as_prompt_list,
+    matched,
     register_pipeline,
 )
 from dit_rt.runtime import RuntimeOptions
@@ -77,11 +75,8 @@ class WanPipeline(Pipeline):
         device, dtype, fsdp, sharded = self.device, self.dtype, self.fsdp, self.sharded
 
         self.tokenizer = T5Tokenizer.from_folder(folder / "tokenizer")
-        self.text_encoder = build("text_encoder", dtype, to=sharded)
-        if fsdp:
-            options.shard(self.text_encoder, "encoder.block")
-        self.vae_dtype = options.vae_dtype or dtype
-        self.vae = build("vae", self.vae_dtype)
+        self.text_encoder = self.build_text_encoder(build, "text_encoder", "encoder.block")
+        self.build_vae(build)
         experts = ["transformer"] + (["transformer_2"] if index.get("transformer_2", [None])[0] else [])
         self.transformers = [build(experts[0], dtype, options.linear_format, to=sharded)]
         if fsdp:  # shard the first expert before the second one is loaded beside it
@@ -115,14 +110,7 @@ class WanPipeline(Pipeline):
                 )
             self.image_encoder = build("image_encoder", dtype)
             self.clip_config = CLIPImageConfig.from_config(loaders.read_config(folder / "image_processor"))
-        self.offload = ComponentOffload(device)
-        if options.offload:
-            for m in (self.text_encoder, self.vae, self.image_encoder):
-                if m is not None:
-                    self.offload.add(m)
-            if options.offload == "model":
-                for m in self.transformers:
-                    self.offload.add(m)
+        self.offload_components(self.text_encoder, self.vae, self.image_encoder)
         ratio = index.get("boundary_ratio")
         if len(self.transformers) == 2 and ratio is None:
             raise ValueError(f"{folder}: model_index.json lists transformer_2 but no boundary_ratio")
@@ -146,8 +134,7 @@ class WanPipeline(Pipeline):
         checks.check_multiple("width", width, c.spatial)
         checks.check_frames(num_frames, c.temporal, default=self.defaults.num_frames)
         shape = self.latent_shape(batch, height, width, num_frames)
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape} for this request, got {tuple(latents.shape)}")
+        checks.check_latents(latents, shape)
         return shape
 
     def latent_shape(self, batch, height, width, num_frames):
@@ -157,17 +144,7 @@ class WanPipeline(Pipeline):
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512) -> torch.Tensor:
-        from dit_rt.models.text import wan_text_embeddings
-
-        with self.offload.use(self.text_encoder):
-            return wan_text_embeddings(
-                self.text_encoder,
-                self.tokenizer,
-                prompts,
-                max_length=max_sequence_length,
-                device=self.device,
-                dtype=self.dtype,
-            )
+        return self.t5_embeddings(prompts, max_sequence_length)
 
     # ---------------------------------------------------------------------------------------------- generate
 
@@ -193,18 +170,10 @@ class WanPipeline(Pipeline):
         output_type: str = "frames",
     ) -> GenerationOutput:
         d = self.defaults
-        checks.check_image_use(
-            self.constraints, image is not None, self.entry.alias if self.entry else "this Wan checkpoint"
-        )
-        if prompt is None:
-            raise ValueError("generate() needs a prompt")
-        prompts = as_prompt_list(prompt)
+        checks.check_image_use(self.constraints, image is not None, self.model_name("this Wan checkpoint"))
+        prompts = self.prompt_list(prompt)
         negative = negative_prompt if negative_prompt is not None else d.negative_prompt
-        negatives = as_prompt_list(negative, "negative_prompt")
-        if len(negatives) == 1:
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        negatives = matched(negative, prompts, "negative_prompt", "negative prompts")
         if self.i2v:
             from dit_rt.image import derive_size, load_image
 
@@ -213,13 +182,9 @@ class WanPipeline(Pipeline):
             pixels = load_image(image)
             if height is None and width is None:  # the image's aspect ratio at the model's pixel budget
                 height, width = derive_size(pixels, d.height * d.width, VAE_SCALE_SPATIAL * PATCH)
-        height = d.height if height is None else height
-        width = d.width if width is None else width
-        num_frames = d.num_frames if num_frames is None else num_frames
-        steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
-        checks.check_positive_int("num_inference_steps", steps, d.num_inference_steps)
-        g1 = d.guidance_scale if guidance_scale is None else guidance_scale
-        checks.check_guidance("guidance_scale", g1, d.guidance_scale)
+        height, width, num_frames, steps, g1 = self.resolve(
+            height, width, num_frames, num_inference_steps, guidance_scale
+        )
         if guidance_scale_2 is not None:
             checks.check_guidance(
                 "guidance_scale_2", guidance_scale_2, d.guidance_scale_2 or d.guidance_scale
@@ -232,8 +197,7 @@ class WanPipeline(Pipeline):
             else (d.guidance_scale_2 if guidance_scale is None else None)
         )
         g2 = g1 if g2 is None else g2
-        if output_type not in ("frames", "latents"):
-            raise ValueError(f"output_type must be 'frames' or 'latents', got {output_type!r}")
+        checks.check_output_type(output_type)
         shape = self.check_inputs(height, width, num_frames, len(prompts), latents)
         request = Request(
             prompts=prompts,
@@ -241,8 +205,16 @@ class WanPipeline(Pipeline):
             shape=shape,
             steps=steps,
             guidance=(g1, g2),
-            metadata=self._metadata(
-                prompts, negative_prompt, image, height, width, num_frames, steps, g1, g2
+            metadata=self.metadata(
+                prompts,
+                negative_prompt=negative_prompt,  # the model's default negative prompt is long and implied
+                image=str(image) if isinstance(image, (str, Path)) else None,
+                height=height,
+                width=width,
+                num_frames=num_frames,
+                num_inference_steps=steps,
+                guidance_scale=g1,
+                guidance_scale_2=g2 if len(self.transformers) == 2 else None,
             ),
             latents=latents,
             seed=seed,
@@ -286,30 +258,6 @@ class WanPipeline(Pipeline):
         """Wan 2.2 A14B: the high-noise expert down to the boundary timestep, the low-noise one after."""
         return 0 if self.boundary_timestep is None or t >= self.boundary_timestep else 1
 
-    def _metadata(self, prompts, negative_prompt, image, height, width, num_frames, steps, g1, g2) -> dict:
-        """What produced this output, for GenerationOutput.metadata and the saved file's comment."""
-        from dit_rt import __version__
-
-        o = self.options
-        meta = dict(
-            model=self.entry.alias if self.entry else str(self.folder),
-            prompt=prompts[0] if len(prompts) == 1 else list(prompts),
-        )
-        if negative_prompt is not None:  # the model's default negative prompt is long and implied
-            meta["negative_prompt"] = negative_prompt
-        if isinstance(image, (str, Path)):
-            meta["image"] = str(image)
-        meta.update(height=height, width=width, num_frames=num_frames, num_inference_steps=steps)
-        meta.update(guidance_scale=g1, **({"guidance_scale_2": g2} if len(self.transformers) == 2 else {}))
-        meta["options"] = {
-            "dtype": str(o.dtype).removeprefix("torch."),
-            "attention": o.attention,
-            "linear": o.linear,
-            **{k: v for k, v in (("cache", o.cache), ("offload", o.offload)) if v},
-        }
-        meta["software"] = f"dit_rt {__version__}"
-        return meta
-
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor, batch: int, height: int, width: int, num_frames: int):
         """The first frame as conditioning: (mask + normalised VAE latents [B, 4 + Z, T, h, w] fp32,
@@ -342,8 +290,4 @@ class WanPipeline(Pipeline):
         """Normalised latents [B, Z, T, h, w] -> float32 frames [B, T', H, W, 3] in [0, 1] on the device.
         Under parallel=, the ranks of a dp group (cfg x ulysses x ring) decode together, each its own
         latent rows (dit_rt.parallel.vae)."""
-        z = self.vae.denormalize_latents(latents.to(self.vae_dtype))
-        with self.offload.use(self.vae):
-            video = parallel_decode(self.vae, z, self.mesh.group("replica"))  # [B, C, T, H, W] in [-1, 1]
-        frames = (video.float() / 2 + 0.5).clamp(0, 1)
-        return frames.permute(0, 2, 3, 4, 1)
+        return self.vae_frames(self.vae.denormalize_latents(latents.to(self.vae_dtype)))

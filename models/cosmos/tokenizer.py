@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dit_rt.models.wan.vae import channel_major, frame_major
 from dit_rt.ops.attention import attention
 from dit_rt.ops.group_norm import GroupNorm
 from dit_rt.parallel.vae import RowSplit
@@ -181,16 +182,6 @@ class IdentityPosterior:
         return self.mean
 
 
-def _frame_major(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, T, H, W] -> [B*T, C, H, W]; a view when x is channels-last."""
-    return x.transpose(1, 2).flatten(0, 1)
-
-
-def _channel_major(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """[B*T, C, H, W] -> [B, C, T, H, W]; a view."""
-    return x.unflatten(0, (batch, -1)).transpose(1, 2)
-
-
 def _layout_like(x: torch.Tensor) -> torch.memory_format:
     return (
         torch.channels_last_3d
@@ -239,7 +230,7 @@ class CausalGroupNorm(nn.Module):
         self.norm = GroupNorm(1, dim, eps=1e-6, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _channel_major(self.norm(_frame_major(x)), x.shape[0])
+        return channel_major(self.norm(frame_major(x)), x.shape[0])
 
 
 class ConvProjection(nn.Module):

@@ -11,6 +11,8 @@ over [txt; img]) with these differences (spec flux-encoders-schedulers.md B.2-B.
   MLP outputs share `attn.to_out`;
 - RoPE has 4 axes (T, H, W, L) at theta 2000: image tokens (t, row, col, 0), text tokens (0, 0, 0, index);
   reference images ride along as extra image tokens with their own t.
+The parts that are FLUX.1's but for biases and eps (the joint attention, the embedder MLP, the modulated
+norm) are imported from models/flux/transformer.py.
 
 Module names equal the diffusers checkpoint keys except the double blocks' fused projections, filled by
 the loader from their sources: `attn.to_qkv` <- to_q, to_k, to_v and `attn.add_qkv` <- add_q_proj,
@@ -30,11 +32,19 @@ from torch import nn
 
 from dit_rt.cache.teacache import FLUX_RULES
 from dit_rt.contract import BlockStack, CachePlan
-from dit_rt.models.flux.transformer import RotaryFreqs, rope_from_ids, timestep_sinusoid
-from dit_rt.ops import Attention, Linear, fused
+from dit_rt.models.flux.transformer import (
+    QK,
+    JointAttention,
+    MLPEmbedder,
+    ModulatedNorm,
+    RotaryFreqs,
+    rope_from_ids,
+    timestep_sinusoid,
+)
+from dit_rt.ops import Attention, Linear
 from dit_rt.ops.codes import Fp8Codes
 from dit_rt.ops.elementwise import gated_residual, layer_norm_modulate
-from dit_rt.ops.fused_ops import add_norm_into, norm_into, qk_norm_rope
+from dit_rt.ops.fused_ops import add_norm_into, qk_norm_rope
 from dit_rt.parallel.sequence import Replicate, SequencePlan, Split
 from dit_rt.runner import BlockRunner, forward_seam
 
@@ -97,26 +107,16 @@ FLUX2_TRANSFORMER_PRESETS: dict[str, Flux2TransformerConfig] = {"flux.2-dev": Fl
 # and weight formats target the block projections.
 
 
-class TimestepEmbedding(nn.Module):
-    """linear_1 -> SiLU -> linear_2, no biases (diffusers' TimestepEmbedding(sample_proj_bias=False))."""
-
-    def __init__(self, dim_in: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(dim_in, dim, bias=False)
-        self.linear_2 = nn.Linear(dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
 class TimeGuidanceEmbed(nn.Module):
     """temb = MLP(sinusoid(t)) [+ MLP(sinusoid(guidance))], [B, D]."""
 
     def __init__(self, cfg: Flux2TransformerConfig):
         super().__init__()
         self.channels = cfg.timestep_guidance_channels
-        self.timestep_embedder = TimestepEmbedding(self.channels, cfg.dim)
-        self.guidance_embedder = TimestepEmbedding(self.channels, cfg.dim) if cfg.guidance_embeds else None
+        self.timestep_embedder = MLPEmbedder(self.channels, cfg.dim, bias=False)
+        self.guidance_embedder = (
+            MLPEmbedder(self.channels, cfg.dim, bias=False) if cfg.guidance_embeds else None
+        )
 
     def forward(self, t: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
         temb = self.timestep_embedder(timestep_sinusoid(t, self.channels).to(t.dtype))
@@ -137,18 +137,6 @@ class Modulation(nn.Module):
         return self.linear(F.silu(temb))[:, None].float()  # [B, 1, chunks * D] fp32
 
 
-class ModulatedNorm(nn.Module):
-    """fp32 LayerNorm(x) * scale1 + shift for the Linear `consumer` that reads it (`norm_into`); a module so
-    that its output, the modulated block input, can be observed (TeaCache's FLUX signal)."""
-
-    def __init__(self, eps: float):
-        super().__init__()
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor, shift, scale1, consumer: nn.Module):
-        return norm_into(consumer, x, shift, scale1, self.eps)
-
-
 class SwiGLU(nn.Module):
     """`linear_out`(SiLU(a) * b) for [a | b] = `linear_in`(x)."""
 
@@ -164,41 +152,6 @@ class SwiGLU(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ blocks
 
-QK = dict(per_head=True, layout="interleaved")  # per-head RMSNorm, pairs (2j, 2j+1) rotated
-
-
-class JointAttention(nn.Module):
-    """A double block's attention weights: image `to_qkv`, text `add_qkv`, per-head QK RMSNorms, outputs."""
-
-    def __init__(self, dim: int, heads: int, eps: float):
-        super().__init__()
-        hd = dim // heads
-        self.heads = heads
-        self.to_qkv = fused(dim, dim, sources=("to_q", "to_k", "to_v"), bias=False)
-        self.add_qkv = fused(dim, dim, sources=("add_q_proj", "add_k_proj", "add_v_proj"), bias=False)
-        self.norm_q, self.norm_k = nn.RMSNorm(hd, eps=eps), nn.RMSNorm(hd, eps=eps)
-        self.norm_added_q, self.norm_added_k = nn.RMSNorm(hd, eps=eps), nn.RMSNorm(hd, eps=eps)
-        self.to_out = nn.ModuleList([Linear(dim, dim, bias=False)])
-        self.to_add_out = Linear(dim, dim, bias=False)
-        self.attn = Attention(head_dim=hd)
-
-    def _qkv(self, proj, x, norm_q, norm_k, rope) -> tuple[torch.Tensor, ...]:
-        # Tensors, not fp8 codes (attn=None): the streams are concatenated before the attention (FLUX.1's
-        # reason: codes of different scales do not concatenate).
-        q, k, v = proj(x).chunk(3, dim=-1)  # [B, L, D] views of one GEMM output
-        q = qk_norm_rope(None, q, norm_q, self.heads, rope, **QK)  # [B, L, H, Dh]
-        k = qk_norm_rope(None, k, norm_k, self.heads, rope, **QK)
-        return q, k, v.unflatten(-1, (self.heads, -1))
-
-    def forward(self, img, txt, rope: RotaryFreqs) -> tuple[torch.Tensor, torch.Tensor]:
-        lt = txt.shape[1]
-        rope_t, rope_i = RotaryFreqs(*(r[:lt] for r in rope)), RotaryFreqs(*(r[lt:] for r in rope))
-        t = self._qkv(self.add_qkv, txt, self.norm_added_q, self.norm_added_k, rope_t)
-        i = self._qkv(self.to_qkv, img, self.norm_q, self.norm_k, rope_i)
-        q, k, v = (torch.cat(pair, dim=1) for pair in zip(t, i))  # [B, Lt + Li, H, Dh], order [txt; img]
-        o = self.attn(q, k, v).flatten(2)  # [B, Lt + Li, D]
-        return self.to_out[0](o[:, lt:]), self.to_add_out(o[:, :lt])
-
 
 class Flux2DoubleBlock(nn.Module):
     """Image and text streams, each with its own projections and SwiGLU MLP, modulated by the shared
@@ -210,7 +163,7 @@ class Flux2DoubleBlock(nn.Module):
         self.eps = cfg.eps
         self.norm1 = ModulatedNorm(cfg.eps)
         self.norm1_context = ModulatedNorm(cfg.eps)
-        self.attn = JointAttention(D, cfg.num_attention_heads, cfg.eps)
+        self.attn = JointAttention(D, cfg.num_attention_heads, cfg.eps, bias=False)
         self.ff = SwiGLU(D, cfg.mlp_dim)
         self.ff_context = SwiGLU(D, cfg.mlp_dim)
 

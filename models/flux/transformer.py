@@ -41,6 +41,7 @@ from dit_rt.runner import BlockRunner, forward_seam
 
 EPS = 1e-6  # every LayerNorm and QK RMSNorm of the model (hard-coded in the reference)
 ROPE_THETA = 10000.0
+QK = dict(per_head=True, layout="interleaved")  # q / k: per-head RMSNorm, channel pairs (2j, 2j+1) rotated
 
 
 @dataclass(frozen=True)
@@ -136,12 +137,13 @@ def _mod(linear: nn.Linear, temb: torch.Tensor, n: int) -> tuple[torch.Tensor, .
 
 
 class MLPEmbedder(nn.Module):
-    """linear_1 -> SiLU -> linear_2 (diffusers' TimestepEmbedding and PixArtAlphaTextProjection(silu))."""
+    """linear_1 -> SiLU -> linear_2 (diffusers' TimestepEmbedding and PixArtAlphaTextProjection(silu);
+    FLUX.2's have no biases)."""
 
-    def __init__(self, dim_in: int, dim: int):
+    def __init__(self, dim_in: int, dim: int, bias: bool = True):
         super().__init__()
-        self.linear_1 = nn.Linear(dim_in, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = nn.Linear(dim_in, dim, bias=bias)
+        self.linear_2 = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
@@ -178,8 +180,12 @@ class ModulatedNorm(nn.Module):
     """fp32 LayerNorm(x) * scale1 + shift for the Linear `consumer` that reads it (`norm_into`): a module so
     that its output, the modulated block input, can be observed (TeaCache's FLUX signal)."""
 
+    def __init__(self, eps: float = EPS):
+        super().__init__()
+        self.eps = eps
+
     def forward(self, x: torch.Tensor, shift, scale1, consumer: nn.Module):
-        return norm_into(consumer, x, shift, scale1, EPS)
+        return norm_into(consumer, x, shift, scale1, self.eps)
 
 
 class FeedForward(nn.Module):
@@ -203,27 +209,27 @@ class _Proj(nn.Module):
 
 
 class JointAttention(nn.Module):
-    """A double block's attention weights: image `to_qkv`, text `add_qkv`, per-head QK RMSNorms, outputs."""
+    """A double block's attention weights: image `to_qkv`, text `add_qkv`, per-head QK RMSNorms, outputs
+    (FLUX.2's the same without biases)."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, eps: float = EPS, bias: bool = True):
         super().__init__()
         hd = dim // heads
         self.heads = heads
-        self.to_qkv = fused(dim, dim, sources=("to_q", "to_k", "to_v"))
-        self.add_qkv = fused(dim, dim, sources=("add_q_proj", "add_k_proj", "add_v_proj"))
-        self.norm_q, self.norm_k = nn.RMSNorm(hd, eps=EPS), nn.RMSNorm(hd, eps=EPS)
-        self.norm_added_q, self.norm_added_k = nn.RMSNorm(hd, eps=EPS), nn.RMSNorm(hd, eps=EPS)
-        self.to_out = nn.ModuleList([Linear(dim, dim)])
-        self.to_add_out = Linear(dim, dim)
+        self.to_qkv = fused(dim, dim, sources=("to_q", "to_k", "to_v"), bias=bias)
+        self.add_qkv = fused(dim, dim, sources=("add_q_proj", "add_k_proj", "add_v_proj"), bias=bias)
+        self.norm_q, self.norm_k = nn.RMSNorm(hd, eps=eps), nn.RMSNorm(hd, eps=eps)
+        self.norm_added_q, self.norm_added_k = nn.RMSNorm(hd, eps=eps), nn.RMSNorm(hd, eps=eps)
+        self.to_out = nn.ModuleList([Linear(dim, dim, bias=bias)])
+        self.to_add_out = Linear(dim, dim, bias=bias)
         self.attn = Attention(head_dim=hd)
 
     def _qkv(self, proj, x, norm_q, norm_k, rope) -> tuple[torch.Tensor, ...]:
         # Tensors, not fp8 codes (attn=None): the two streams' q / k are concatenated before the attention,
         # and codes of different scales do not concatenate; an fp8 attention quantizes the joint sequence.
         q, k, v = proj(x).chunk(3, dim=-1)  # [B, L, D] views of one GEMM output
-        fmt = dict(per_head=True, layout="interleaved")
-        q = qk_norm_rope(None, q, norm_q, self.heads, rope, **fmt)  # [B, L, H, Dh]
-        k = qk_norm_rope(None, k, norm_k, self.heads, rope, **fmt)
+        q = qk_norm_rope(None, q, norm_q, self.heads, rope, **QK)  # [B, L, H, Dh]
+        k = qk_norm_rope(None, k, norm_k, self.heads, rope, **QK)
         return q, k, v.unflatten(-1, (self.heads, -1))
 
     def forward(self, img, txt, rope: RotaryFreqs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,9 +291,8 @@ class SingleAttention(nn.Module):
         self.attn = Attention(head_dim=hd)
 
     def forward(self, q, k, v, rope: RotaryFreqs) -> torch.Tensor:
-        fmt = dict(per_head=True, layout="interleaved")
-        q = qk_norm_rope(self.attn, q, self.norm_q, self.heads, rope, **fmt)  # [B, L, H, Dh] (or fp8 codes)
-        k = qk_norm_rope(self.attn, k, self.norm_k, self.heads, rope, **fmt)
+        q = qk_norm_rope(self.attn, q, self.norm_q, self.heads, rope, **QK)  # [B, L, H, Dh] (or fp8 codes)
+        k = qk_norm_rope(self.attn, k, self.norm_k, self.heads, rope, **QK)
         return self.attn(q, k, v.unflatten(-1, (self.heads, -1))).flatten(2)  # [B, L, D]
 
 

@@ -9,11 +9,10 @@ checkpoint keys are dropped by `ckpt_key_map`, which also maps the other key lay
 of transformers 4.5x, a bare `MistralForCausalLM` / `MistralModel`) onto the module names, which equal the
 keys transformers 5.24 writes for `Mistral3ForConditionalGeneration` (`language_model.model.layers.N...`).
 
-The projections are `dit_rt.ops` Linears (q | k | v and gate | up fused, loaded from the separate checkpoint
-projections), so `linear="fp8-per-tensor"` etc. quantize the encoder at load like the transformer. Attention
-runs through `F.scaled_dot_product_attention` with a boolean causal + padding mask rather than the
-`dit_rt.ops` seam, whose (q, k, v, scale) contract has no mask; the encoder runs once per prompt. The layers
-form one block stack (`stacks`), so block offload streams them like a transformer's blocks.
+The decoder layers are models/text/decoder.py's (shared with Qwen2.5-VL): `dit_rt.ops` Linears, so
+`linear="fp8-per-tensor"` etc. quantize the encoder at load like the transformer, and SDPA with a boolean
+causal + padding mask. The layers form one block stack (`stacks`), so block offload streams them like a
+transformer's blocks.
 
 Tokenizer. The processor's Jinja chat template, for Flux2Pipeline's two-message chat (the system message,
 then the prompt as a user message) and `add_generation_prompt=False`, renders
@@ -25,21 +24,17 @@ text, none are added), then truncates and pads to 512 as `padding="max_length", 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 
 from dit_rt.contract import BlockStack
-from dit_rt.ops import Linear
+from dit_rt.models.text.decoder import DecoderLayer, RMSNorm, rope_tables, unbuilt_parts
+from dit_rt.models.text.tokenizer import _PaddedTokenizer, _read_json, _token_text
 from dit_rt.runner import BlockRunner
-
-log = logging.getLogger("dit_rt")
 
 # Flux2Pipeline's default `text_encoder_out_layers`: indices into transformers' hidden_states tuple.
 FLUX2_OUTPUT_LAYERS = (10, 20, 30)
@@ -120,105 +115,6 @@ class MistralTextConfig:
 PRESETS = {"mistral-small-3.2-24b": MistralTextConfig()}
 
 
-class RMSNorm(nn.Module):
-    """Mistral's RMSNorm: normalised in fp32, cast back to the input dtype, then scaled (reference order)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-def rope_tables(cfg: MistralTextConfig, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [L, head_dim] for positions 0..L-1 in the rotate-half layout (each frequency twice, halves
-    side by side). Angles are fp32; the tables take the activations' dtype, as the reference's do."""
-    d = cfg.head_dim
-    # Frequencies are computed on the CPU in fp32, as the reference builds its buffer.
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    pos = torch.arange(length, device=device, dtype=torch.float32)
-    angles = pos[:, None] * inv_freq.to(device)[None, :]  # [L, d/2]
-    angles = torch.cat([angles, angles], dim=-1)  # [L, d]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, L, D]: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
-class SelfAttention(nn.Module):
-    """`self_attn`: GQA with RoPE; q | k | v fused in one Linear loaded from `q_proj`, `k_proj`, `v_proj`."""
-
-    def __init__(self, cfg: MistralTextConfig):
-        super().__init__()
-        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = cfg.head_dim
-        q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        self.qkv_proj = Linear(
-            cfg.hidden_size,
-            q_dim + 2 * kv_dim,
-            bias=False,
-            sources=("q_proj", "k_proj", "v_proj"),
-            splits=(q_dim, kv_dim, kv_dim),
-        )
-        self.o_proj = Linear(q_dim, cfg.hidden_size, bias=False)
-
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
-        B, L, _ = x.shape
-        H, G, D = self.heads, self.kv_heads, self.head_dim
-        q, k, v = self.qkv_proj(x).split((H * D, G * D, G * D), dim=-1)
-        q = q.view(B, L, H, D).transpose(1, 2)  # [B, H, L, D]
-        k = k.view(B, L, G, D).transpose(1, 2)  # [B, G, L, D]
-        v = v.view(B, L, G, D).transpose(1, 2)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        # Each key/value head serves H / G query heads (adjacent query heads share one).
-        k = k.repeat_interleave(H // G, dim=1)  # [B, H, L, D]
-        v = v.repeat_interleave(H // G, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, L, D]
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, H * D))
-
-
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate x) * up x), gate | up fused in one Linear loaded from `gate_proj`, `up_proj`."""
-
-    def __init__(self, cfg: MistralTextConfig):
-        super().__init__()
-        n = cfg.intermediate_size
-        self.gate_up_proj = Linear(
-            cfg.hidden_size, 2 * n, bias=False, sources=("gate_proj", "up_proj"), splits=(n, n)
-        )
-        self.down_proj = Linear(n, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # 2 x [B, L, intermediate]
-        return self.down_proj(F.silu(gate) * up)
-
-
-class DecoderLayer(nn.Module):
-    """Pre-norm attention and MLP, each with a residual."""
-
-    def __init__(self, cfg: MistralTextConfig):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = SelfAttention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
-
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), mask, cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
 class MistralModel(nn.Module):
     """`language_model.model.*`: token embedding, the decoder layers that run, and the final norm if used."""
 
@@ -242,10 +138,7 @@ _PREFIXES = r"(?:language_model\.model\.|model\.language_model\.|model\.)?"
 
 def _key_map(cfg: MistralTextConfig) -> tuple[tuple[str, str | None], ...]:
     """Checkpoint key -> module name; None drops the parts Flux2Pipeline never runs. First match wins."""
-    rules: list[tuple[str, str | None]] = [
-        (r"^(?:model\.)?(?:vision_tower|multi_modal_projector)\.", None),
-        (r"(?:^|\.)lm_head\.", None),
-    ]
+    rules: list[tuple[str, str | None]] = [*unbuilt_parts("vision_tower", "multi_modal_projector")]
     unused = range(cfg.layers_built, cfg.num_hidden_layers)
     if unused:
         rules.append((rf"^{_PREFIXES}layers\.(?:{'|'.join(map(str, unused))})\.", None))
@@ -262,7 +155,7 @@ def _key_map(cfg: MistralTextConfig) -> tuple[tuple[str, str | None], ...]:
 class MistralTextEncoder(nn.Module):
     """Token ids -> Flux2Pipeline's prompt embeddings: the hidden states `output_layers` side by side."""
 
-    stacks = (BlockStack("language_model.model.layers", carry=("x",), args=("mask", "cos", "sin")),)
+    stacks = (BlockStack("language_model.model.layers", carry=("x",), args=("cos", "sin", "mask")),)
 
     def __init__(self, cfg: MistralTextConfig):
         super().__init__()
@@ -301,7 +194,7 @@ class MistralTextEncoder(nn.Module):
         # The layers run in segments between the requested states; `run` keeps the block hooks (offload) and
         # skips only the stack hook, a step cache, which a once-per-prompt encoder never has.
         for k in sorted(set(self.output_layers) - {0}):
-            x = self.runner.run(lm.layers, x, (mask, cos, sin), start=done, stop=k)
+            x = self.runner.run(lm.layers, x, (cos, sin, mask), start=done, stop=k)
             done = k
             states[k] = lm.norm(x) if k == self.cfg.num_hidden_layers else x
         return torch.stack([states[k] for k in self.output_layers], dim=2).reshape(B, L, -1)
@@ -337,14 +230,6 @@ SYSTEM_MESSAGE = (
 _TEMPLATE_MARKERS = ("[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]", "bos_token")
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def _token_text(value) -> str | None:
-    return value["content"] if isinstance(value, dict) else value  # older configs store AddedToken dicts
-
-
 def find_chat_template(folder: Path) -> str | None:
     """The chat template saved in a tokenizer or processor folder, wherever transformers put it: a
     `chat_template.jinja` file, `chat_template.json`, or a `chat_template` entry of `tokenizer_config.json`
@@ -360,11 +245,13 @@ def find_chat_template(folder: Path) -> str | None:
     return None
 
 
-class Flux2PromptTokenizer:
+class Flux2PromptTokenizer(_PaddedTokenizer):
     """Encodes prompts as Flux2Pipeline does: `apply_chat_template` on [system, user] messages with
     `add_generation_prompt=False, padding="max_length", truncation=True, max_length=512`."""
 
     default_max_length = 512
+    special_tokens = False  # the template writes `<s>`
+    counted = ", system message included"
 
     def __init__(
         self,
@@ -376,16 +263,10 @@ class Flux2PromptTokenizer:
         truncation_side: str = "right",
         system_message: str = SYSTEM_MESSAGE,
     ):
-        for name, side in (("padding_side", padding_side), ("truncation_side", truncation_side)):
-            if side not in ("right", "left"):
-                raise ValueError(f"{name} {side!r}: expected 'right' or 'left'")
-        for token in (bos_token, pad_token):
-            if tokenizer.token_to_id(token) is None:
-                raise ValueError(f"tokenizer has no token {token!r}")
-        self.tokenizer, self.bos_token, self.pad_token = tokenizer, bos_token, pad_token
-        self.pad_id = tokenizer.token_to_id(pad_token)
-        self.padding_side, self.truncation_side = padding_side, truncation_side
-        self.system_message = system_message
+        if tokenizer.token_to_id(bos_token) is None:
+            raise ValueError(f"tokenizer has no token {bos_token!r}")
+        super().__init__(tokenizer, pad_token, padding_side, truncation_side)
+        self.bos_token, self.system_message = bos_token, system_message
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> Flux2PromptTokenizer:
@@ -423,30 +304,5 @@ class Flux2PromptTokenizer:
         prompt = prompt.replace("[IMG]", "")
         return f"{self.bos_token}[SYSTEM_PROMPT]{self.system_message}[/SYSTEM_PROMPT][INST]{prompt}[/INST]"
 
-    def encode(self, prompts: list[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> input_ids [B, max_length] int64, attention_mask [B, max_length] int64 (1 = token)."""
-        max_length = max_length or self.default_max_length
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        self.tokenizer.no_truncation()
-        self.tokenizer.no_padding()
-        encodings = self.tokenizer.encode_batch([self.render(p) for p in prompts], add_special_tokens=False)
-        ids = torch.full((len(prompts), max_length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), max_length), dtype=torch.long)
-        cut = []
-        for row, e in enumerate(encodings):
-            tokens = e.ids
-            if len(tokens) > max_length:
-                cut.append((row, len(tokens)))
-                tokens = tokens[:max_length] if self.truncation_side == "right" else tokens[-max_length:]
-            n = len(tokens)
-            span = slice(0, n) if self.padding_side == "right" else slice(max_length - n, max_length)
-            ids[row, span] = torch.tensor(tokens, dtype=torch.long)
-            mask[row, span] = 1
-        if cut:  # said once per call: a silently dropped end of a prompt misleads
-            which = (lambda i: "the prompt") if len(prompts) == 1 else (lambda i: f"prompt {i}")
-            log.warning(
-                "%s (the text encoder reads max_sequence_length=%d tokens, system message included)",
-                "; ".join(f"{which(i)} has {n} tokens, the last {n - max_length} dropped" for i, n in cut),
-                max_length,
-            )
-        return ids, mask
+    def texts(self, prompts: list[str]) -> list[str]:
+        return [self.render(p) for p in prompts]

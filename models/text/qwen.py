@@ -13,8 +13,8 @@ each owning a section (`mrope_section`) of the rotary frequencies. For text-only
 gives all three streams the same positions 0..L-1 (with or without an attention mask), so the sections
 collapse to plain rotate-half RoPE over the whole head and `mrope_section` plays no part.
 
-Attention runs through `F.scaled_dot_product_attention` (causal, optional padding mask) rather than the
-`dit_rt.ops` seam, whose (q, k, v, scale) contract has no mask; the encoder runs once per prompt.
+The decoder layers are models/text/decoder.py's (shared with FLUX.2's Mistral): attention through
+`F.scaled_dot_product_attention`, causal with an optional padding mask.
 
 Prompt embeddings (`QwenTextEncoder.forward`): the pipeline asks transformers for all hidden states,
 drops the first (the embedding output), keeps the outputs of layers 1..N-1 and, for the last layer, the
@@ -25,22 +25,17 @@ unbiased std, + 1e-8) and concatenates them: N * hidden features (28 * 3584 = 10
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
-from tokenizers import Tokenizer
 from torch import nn
 
 from dit_rt import loaders
-from dit_rt.ops import Linear
+from dit_rt.models.text.decoder import DecoderLayer, RMSNorm, rope_tables, unbuilt_parts
+from dit_rt.models.text.tokenizer import _PaddedTokenizer
 from dit_rt.runner import BlockRunner
-
-log = logging.getLogger("dit_rt")
 
 
 @dataclass(frozen=True)
@@ -101,116 +96,13 @@ class QwenTextConfig:
         return cls(**{k: text[k] for k in names if k in text}, rope_theta=float(theta))
 
 
-class RMSNorm(nn.Module):
-    """Qwen RMSNorm: normalised in fp32, cast back to the input dtype, then scaled by the weight."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-def rope_tables(
-    length: int, head_dim: int, theta: float, dtype: torch.dtype, device=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [L, head_dim] for positions 0..L-1, rotate-half layout (the frequencies repeated twice).
-
-    Computed in fp32 and cast to the activation dtype, as transformers does before rotating.
-    """
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    freqs = torch.arange(length, dtype=torch.float32, device=device)[:, None] * inv_freq  # [L, Dh/2]
-    angles = torch.cat([freqs, freqs], dim=-1)  # [L, Dh]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, L, Dh] rotated by positions: x * cos + rotate_half(x) * sin."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
-class Attention(nn.Module):
-    """`self_attn`: causal grouped-query attention, biases on q/k/v, none on the output."""
-
-    def __init__(self, cfg: QwenTextConfig):
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        )
-        q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        self.qkv_proj = Linear(
-            cfg.hidden_size,
-            q_dim + 2 * kv_dim,
-            bias=True,
-            sources=("q_proj", "k_proj", "v_proj"),
-            splits=(q_dim, kv_dim, kv_dim),
-        )
-        self.o_proj = Linear(q_dim, cfg.hidden_size, bias=False)
-
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        B, L, _ = x.shape
-        Dh = self.head_dim
-        q, k, v = self.qkv_proj(x).split([self.heads * Dh, self.kv_heads * Dh, self.kv_heads * Dh], dim=-1)
-        q = apply_rope(q.view(B, L, self.heads, Dh).transpose(1, 2), cos, sin)  # [B, H, L, Dh]
-        k = apply_rope(k.view(B, L, self.kv_heads, Dh).transpose(1, 2), cos, sin)  # [B, Hkv, L, Dh]
-        v = v.view(B, L, self.kv_heads, Dh).transpose(1, 2)  # [B, Hkv, L, Dh]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.kv_heads != self.heads
-        )  # [B, H, L, Dh]
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
-
-
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate x) * up x), gate and up in one GEMM."""
-
-    def __init__(self, cfg: QwenTextConfig):
-        super().__init__()
-        self.inter = cfg.intermediate_size
-        self.gate_up_proj = Linear(
-            cfg.hidden_size,
-            2 * self.inter,
-            bias=False,
-            sources=("gate_proj", "up_proj"),
-            splits=(self.inter,) * 2,
-        )
-        self.down_proj = Linear(self.inter, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)  # 2 x [B, L, inter]
-        return self.down_proj(F.silu(gate) * up)
-
-
-class DecoderLayer(nn.Module):
-    """Pre-norm decoder layer: x + attn(norm x), then x + mlp(norm x)."""
-
-    def __init__(self, cfg: QwenTextConfig):
-        super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
 class TextModel(nn.Module):
     """`model.*`: the token embedding, the decoder layers, the final norm."""
 
     def __init__(self, cfg: QwenTextConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(cfg, qkv_bias=True) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -224,8 +116,7 @@ class QwenTextEncoder(nn.Module):
     """Qwen2.5-VL text decoder: token ids -> Cosmos-Predict2.5 prompt embeddings [B, L, N * hidden]."""
 
     ckpt_key_map: ClassVar[tuple[tuple[str, str | None], ...]] = (
-        (r"^(model\.)?visual\.", None),  # the vision tower: text prompts never reach it
-        (r"^lm_head\.", None),  # next-token logits: not part of the embeddings
+        *unbuilt_parts("visual"),  # the vision tower (text prompts never reach it) and lm_head
         (r"^model\.language_model\.", "model."),  # transformers 5's in-memory names, if a file has them
     )
 
@@ -247,7 +138,7 @@ class QwenTextEncoder(nn.Module):
         B, L = input_ids.shape
         m = self.model
         x = m.embed_tokens(input_ids)  # [B, L, D]
-        cos, sin = rope_tables(L, cfg.head_dim, cfg.rope_theta, x.dtype, x.device)
+        cos, sin = rope_tables(cfg, L, x.device, x.dtype)
         mask = None
         if attention_mask is not None:
             keys = attention_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]  # [B, 1, 1, L]
@@ -277,75 +168,17 @@ def chat_text(prompt: str, system: str = SYSTEM_MESSAGE) -> str:
     return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _token_text(value) -> str | None:
-    return value["content"] if isinstance(value, dict) else value
-
-
-class QwenPromptTokenizer:
+class QwenPromptTokenizer(_PaddedTokenizer):
     """Token ids as Cosmos-Predict2.5's `tokenizer.apply_chat_template(..., tokenize=True,
     add_generation_prompt=False, max_length=512, truncation=True, padding="max_length")` gives them: the
     rendered chat (`chat_text`) encoded without added special tokens (the `<|im_start|>` / `<|im_end|>`
     markers are the tokenizer's added tokens, matched in the text), cut to max_length, padded with the
     pad token on the tokenizer's padding side."""
 
-    def __init__(
-        self,
-        tokenizer: Tokenizer,
-        pad_token: str = "<|endoftext|>",
-        padding_side: str = "right",
-        truncation_side: str = "right",
-    ):
-        pad_id = tokenizer.token_to_id(pad_token)
-        if pad_id is None:
-            raise ValueError(f"tokenizer has no pad token {pad_token!r}")
-        for name, side in (("padding_side", padding_side), ("truncation_side", truncation_side)):
-            if side not in ("right", "left"):
-                raise ValueError(f"{name} {side!r}: expected 'right' or 'left'")
-        self.tokenizer, self.pad_token, self.pad_id = tokenizer, pad_token, pad_id
-        self.padding_side, self.truncation_side = padding_side, truncation_side
+    default_max_length = 512
+    default_pad_token = "<|endoftext|>"
+    special_tokens = False  # the template writes them
+    counted = ", chat template included"
 
-    @classmethod
-    def from_folder(cls, folder: str | Path) -> QwenPromptTokenizer:
-        """Load `folder/tokenizer.json`; pad token and sides from `tokenizer_config.json` if present."""
-        folder = Path(folder)
-        path = folder / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} not found: dit_rt needs the fast-tokenizer file (tokenizer.json)"
-            )
-        config = _read_json(folder / "tokenizer_config.json")
-        return cls(
-            Tokenizer.from_file(str(path)),
-            _token_text(config.get("pad_token")) or "<|endoftext|>",
-            config.get("padding_side", "right"),
-            config.get("truncation_side", "right"),
-        )
-
-    def encode(self, prompts: list[str], max_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> input_ids [B, max_length] int64, attention_mask [B, max_length] int64 (1 = token)."""
-        tok = self.tokenizer
-        texts = [chat_text(p) for p in prompts]
-        tok.enable_truncation(max_length, direction=self.truncation_side)
-        tok.enable_padding(
-            direction=self.padding_side, pad_id=self.pad_id, pad_token=self.pad_token, length=max_length
-        )
-        encodings = tok.encode_batch(texts, add_special_tokens=False)
-        cut = [i for i, e in enumerate(encodings) if e.overflowing]
-        if cut:  # said once per call: a silently dropped end of a prompt misleads
-            tok.no_truncation()
-            tok.no_padding()
-            counts = {i: len(tok.encode(texts[i], add_special_tokens=False).ids) for i in cut}
-            log.warning(
-                "%s (the text encoder reads max_sequence_length=%d tokens, chat template included)",
-                "; ".join(
-                    f"prompt {i} has {n} tokens, the last {n - max_length} dropped" for i, n in counts.items()
-                ),
-                max_length,
-            )
-        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
-        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
-        return ids, mask
+    def texts(self, prompts: list[str]) -> list[str]:
+        return [chat_text(p) for p in prompts]

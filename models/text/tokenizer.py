@@ -109,48 +109,79 @@ def prompt_clean(text: str) -> str:
 
 class _PaddedTokenizer:
     """A `tokenizers.Tokenizer` called as transformers calls it with `padding="max_length",
-    truncation=True`: the special tokens come from the tokenizer's post-processor, and truncation keeps
-    room for them."""
+    truncation=True`: the special tokens come from the tokenizer's post-processor (unless a subclass renders
+    them into its `texts`), and truncation keeps room for them."""
 
     default_max_length: ClassVar[int]
+    default_pad_token: ClassVar[str]
+    special_tokens: ClassVar[bool] = True  # added by the post-processor
+    counted: ClassVar[str] = ""  # what the token count of the truncation warning includes beside the prompt
 
-    def __init__(self, tokenizer: Tokenizer, pad_token: str, padding_side: str = "right"):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        pad_token: str | None = None,
+        padding_side: str = "right",
+        truncation_side: str = "right",
+    ):
+        pad_token = pad_token or self.default_pad_token
         pad_id = tokenizer.token_to_id(pad_token)
         if pad_id is None:
             raise ValueError(f"tokenizer has no pad token {pad_token!r}")
-        if padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side {padding_side!r}: expected 'right' or 'left'")
-        self.tokenizer, self.pad_token, self.pad_id, self.padding_side = (
-            tokenizer,
-            pad_token,
-            pad_id,
-            padding_side,
+        for name, side in (("padding_side", padding_side), ("truncation_side", truncation_side)):
+            if side not in ("right", "left"):
+                raise ValueError(f"{name} {side!r}: expected 'right' or 'left'")
+        self.tokenizer, self.pad_token, self.pad_id = tokenizer, pad_token, pad_id
+        self.padding_side, self.truncation_side = padding_side, truncation_side
+
+    @classmethod
+    def from_folder(cls, folder: str | Path):
+        """Load `folder/tokenizer.json`; the pad token and the padding / truncation sides from
+        `tokenizer_config.json` if present."""
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: dit_rt needs the fast-tokenizer file (tokenizer.json)"
+            )
+        config = _read_json(folder / "tokenizer_config.json")
+        return cls(
+            Tokenizer.from_file(str(path)),
+            _token_text(config.get("pad_token")),
+            config.get("padding_side", "right"),
+            config.get("truncation_side", "right"),
         )
+
+    def texts(self, prompts: list[str]) -> list[str]:
+        """What is tokenized for the prompts (a chat template renders them)."""
+        return list(prompts)
 
     def encode(self, prompts: list[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> input_ids [B, max_length] int64, attention_mask [B, max_length] int64 (1 = token).
 
         max_length defaults to the class's `default_max_length` (T5: 512, CLIP: 77)."""
         max_length = max_length or self.default_max_length
-        tok = self.tokenizer
-        tok.enable_truncation(max_length)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        tok, texts, special = self.tokenizer, self.texts(prompts), self.special_tokens
+        tok.enable_truncation(max_length, direction=self.truncation_side)
         tok.enable_padding(
             direction=self.padding_side, pad_id=self.pad_id, pad_token=self.pad_token, length=max_length
         )
-        encodings = tok.encode_batch(list(prompts), add_special_tokens=True)
+        encodings = tok.encode_batch(texts, add_special_tokens=special)
         cut = [i for i, e in enumerate(encodings) if e.overflowing]
         if cut:  # said once per call, as diffusers does: a silently ignored end of a prompt misleads
             tok.no_truncation()
             tok.no_padding()
-            lengths = {i: len(tok.encode(prompts[i], add_special_tokens=True).ids) for i in cut}
+            lengths = {i: len(tok.encode(texts[i], add_special_tokens=special).ids) for i in cut}
             which = (lambda i: "the prompt") if len(prompts) == 1 else (lambda i: f"prompt {i}")
             log.warning(
-                "%s (the text encoder reads max_sequence_length=%d tokens)",
+                "%s (the text encoder reads max_sequence_length=%d tokens%s)",
                 "; ".join(
                     f"{which(i)} has {n} tokens, the last {n - max_length} dropped"
                     for i, n in lengths.items()
                 ),
                 max_length,
+                self.counted,
             )
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
@@ -158,7 +189,7 @@ class _PaddedTokenizer:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _token_text(value) -> str | None:
@@ -172,22 +203,7 @@ class T5Tokenizer(_PaddedTokenizer):
     """
 
     default_max_length = 512
-
-    def __init__(self, tokenizer: Tokenizer, pad_token: str = "<pad>", padding_side: str = "right"):
-        super().__init__(tokenizer, pad_token, padding_side)
-
-    @classmethod
-    def from_folder(cls, folder: str | Path) -> T5Tokenizer:
-        """Load `folder/tokenizer.json`, taking pad token and side from `tokenizer_config.json` if present."""
-        folder = Path(folder)
-        path = folder / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} not found: dit_rt needs the fast-tokenizer file (tokenizer.json)"
-            )
-        config = _read_json(folder / "tokenizer_config.json")
-        pad = _token_text(config.get("pad_token", "<pad>"))
-        return cls(Tokenizer.from_file(str(path)), pad, config.get("padding_side", "right"))
+    default_pad_token = "<pad>"
 
 
 # CLIP's pre-tokenizer split (what the original `clip.simple_tokenizer` regex keeps): the special tokens,
@@ -237,9 +253,7 @@ class CLIPTokenizer(_PaddedTokenizer):
     the pad token (`<|endoftext|>` for OpenAI's ViT-L/14) up to 77."""
 
     default_max_length = 77
-
-    def __init__(self, tokenizer: Tokenizer, pad_token: str = "<|endoftext|>", padding_side: str = "right"):
-        super().__init__(tokenizer, pad_token, padding_side)
+    default_pad_token = "<|endoftext|>"
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> CLIPTokenizer:
@@ -274,11 +288,13 @@ def wan_text_embeddings(
     max_length: int = 512,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    clean: bool = True,
 ) -> torch.Tensor:
-    """Wan's prompt embeddings: [B, max_length, d_model], rows past each prompt's length set to zero.
+    """Wan's prompt embeddings: [B, max_length, d_model], rows past each prompt's length set to zero. Cosmos
+    (Predict2, 1.0) embeds its T5 prompts the same way without the cleaning (clean=False).
 
-    Prompts are cleaned, tokenized (padded to max_length, `</s>` appended) and encoded with the padding
-    mask; then only each prompt's real tokens are kept, as WanPipeline._get_t5_prompt_embeds does.
+    Prompts are cleaned (`prompt_clean`), tokenized (padded to max_length, `</s>` appended) and encoded with
+    the padding mask; then only each prompt's real tokens are kept, as WanPipeline._get_t5_prompt_embeds does.
     The encoder only sees the longest prompt's tokens: with the padding keys masked, the real rows do not
     depend on how many padding columns follow, and the rows past the length are zeroed anyway, so a short
     prompt costs a short forward instead of a 512-token one.
@@ -286,7 +302,7 @@ def wan_text_embeddings(
     if tokenizer.padding_side != "right":
         raise ValueError("wan_text_embeddings needs a right-padding tokenizer (real tokens first)")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    ids, mask = tokenizer.encode([prompt_clean(p) for p in prompts], max_length)
+    ids, mask = tokenizer.encode([prompt_clean(p) for p in prompts] if clean else prompts, max_length)
     lens = mask.sum(dim=1)  # [B] real tokens incl. </s>
     n = int(lens.max())
     param = next(encoder.parameters())

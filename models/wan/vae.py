@@ -108,12 +108,12 @@ class CausalCache:
     started: set[nn.Module] = field(default_factory=set)  # resamples that have seen clip frame 0
 
 
-def _frame_major(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, T, H, W] -> [B*T, C, H, W]; a view when x is channels-last."""
+def frame_major(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, T, H, W] -> [B*T, C, H, W]; a view when x is channels-last (the Cosmos tokenizer's too)."""
     return x.transpose(1, 2).flatten(0, 1)
 
 
-def _channel_major(x: torch.Tensor, batch: int) -> torch.Tensor:
+def channel_major(x: torch.Tensor, batch: int) -> torch.Tensor:
     """[B*T, C, H, W] -> [B, C, T, H, W]; a view."""
     return x.unflatten(0, (batch, -1)).transpose(1, 2)
 
@@ -218,12 +218,12 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         b, c, t, h, w = x.shape
         # 1x1 convs as GEMMs over pixel rows: [B*T, H, W, C] is a view when x is channels-last.
-        rows = self.norm(_frame_major(x)).permute(0, 2, 3, 1)  # [B*T, H, W, C]
+        rows = self.norm(frame_major(x)).permute(0, 2, 3, 1)  # [B*T, H, W, C]
         qkv = F.linear(rows, self.to_qkv.weight.flatten(1), self.to_qkv.bias)  # [B*T, H, W, 3C]
         q, k, v = qkv.reshape(b * t, h * w, 3, 1, c).unbind(2)  # each [B*T, H*W, 1, C]
         o = attention(q, k, v).reshape(b * t, h, w, c)  # through the seam; head_dim = C (384 at real size)
         o = F.linear(o, self.proj.weight.flatten(1), self.proj.bias)  # [B*T, H, W, C]
-        return x + _channel_major(o.permute(0, 3, 1, 2), b)
+        return x + channel_major(o.permute(0, 3, 1, 2), b)
 
 
 class Resample(nn.Module):
@@ -254,7 +254,7 @@ class Resample(nn.Module):
             x = self._upsample_time(x, cache)
         b = x.shape[0]
         # Nearest 2x is a copy, exact in any dtype (the reference's fp32 round trip changes nothing).
-        x = _channel_major(self.resample(_frame_major(x)), b)
+        x = channel_major(self.resample(frame_major(x)), b)
         if self.mode == "downsample3d":
             x = self._downsample_time(x, cache)
         return x
