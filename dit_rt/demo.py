@@ -1,13 +1,17 @@
-"""The embedded demo: a tiny random Wan text-to-video checkpoint written once into the user cache.
+"""The demo's checkpoints: the writer of tiny random Wan checkpoints (`dit-rt demo` and the tests), and the
+folder of the trained tiny shapes model.
 
-It is built with dit_rt's own modules and saved in the Hub Diffusers layout (the same files and key names
-as a real snapshot), so `dit-rt demo` exercises the whole load -> generate -> save path with no download.
-The weights are random: the output is noise. The safetensors files are written here rather than with
-`safetensors.torch.save_file`, which needs numpy, an optional package a core install lacks.
+`dit-rt demo` writes a tiny random Wan checkpoint once into the user cache and runs the whole load ->
+generate -> save path with no download; its output is noise. tools/train_tiny.py trains a Wan text-to-video
+model of a few million parameters on procedural shape clips (Hub Diffusers layout, fp16) meant to ship in
+`dit_rt/tiny/` (`tiny_model_folder`); it does not ship yet: the first CPU-trained weights do not pass the
+clip check (dit_rt.clipcheck), see issue 23.
 
 The writer is generic and the one place for tiny checkpoints: `write_checkpoint` (any components, Hub
 layout), `randomize` and `tokenizer_json`, which the tests' diffusers-built reference checkpoints use too
-(`tests/tiny_checkpoints.py`). Another demo model changes `write_tiny_wan`'s components only.
+(`tests/tiny_checkpoints.py`); `write_tiny_wan` / `tiny_wan_folder` give a random Wan checkpoint (its output
+is noise). The safetensors files are written here rather than with `safetensors.torch.save_file`, which
+needs numpy, an optional package a core install lacks.
 """
 
 from __future__ import annotations
@@ -100,6 +104,20 @@ INDEX = dict(
     transformer_2=[None, None],
     vae=["diffusers", "AutoencoderKLWan"],
 )
+
+
+TINY_MODEL = Path(__file__).resolve().parent / "tiny"
+DEMO_SIZE, DEMO_FRAMES = 32, 9  # what the tiny model was trained on (tools/train_tiny.py)
+
+
+def tiny_model_folder() -> Path:
+    """The shipped, trained tiny shapes model (Hub Diffusers layout)."""
+    if not (TINY_MODEL / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{TINY_MODEL} holds no checkpoint: the package was installed without its data files "
+            "(reinstall it, or write one with tools/train_tiny.py)"
+        )
+    return TINY_MODEL
 
 
 def cache_dir() -> Path:

@@ -1,0 +1,183 @@
+"""Quality of the approximate modes on a trained model: the tiny shapes model shipped in dit_rt/tiny/.
+
+Random weights make flat attention and slowly moving step-cache indicators, so the error of an approximate
+mode measured on them says little. This harness generates the same prompts from the same seeds with the
+exact settings and with each approximate mode, and reports per mode: PSNR of the frames against the exact
+ones (mean and worst over the prompts), how many clips still pass dit_rt.clipcheck, the time per clip and
+the step cache's skipped evaluations.
+
+Modes: fp8 linears (emulated on the CPU), TeaCache (coefficients borrowed from wan2.1-t2v-1.3b: none are
+fitted for this model) and FBCache at several thresholds, svg sparse attention; on CUDA also the fa3, fa3-fp8
+and sage attention kernels and fp8 linears + fa3-fp8 (the fast mode). A mode that cannot run here is reported
+with its error, not dropped. Ulysses / Ring are not measured here yet: they need a launcher (torchrun).
+
+    python tools/quality.py                  # every mode that runs on this machine
+    python tools/quality.py --smoke          # seconds: one prompt, three steps, a few modes (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+PROMPTS = (
+    "a red circle moving right on a blue background",
+    "a yellow square moving left on a black background",
+    "a white triangle moving up on a green background",
+    "a green circle moving down on a white background",
+    "a blue square growing on a yellow background",
+    "a red triangle shrinking on a white background",
+    "a white circle turning red on a black background",
+)
+TEACACHE_MODEL = "wan2.1-t2v-1.3b"
+
+
+@dataclass
+class Row:
+    mode: str
+    psnr_mean: float | None = None
+    psnr_min: float | None = None
+    passed: str = ""
+    seconds: float | None = None
+    skipped: str = ""
+    error: str = ""
+
+
+def modes(device: str, smoke: bool) -> dict[str, dict]:
+    """Mode name -> dit_rt.load options (beyond device and dtype)."""
+    m: dict[str, dict] = {"exact": {}}
+    m["fp8-per-tensor linears"] = dict(linear="fp8-per-tensor")
+    if not smoke:
+        m["fp8-rowwise linears"] = dict(linear="fp8-rowwise")
+        m["fp8-blockwise linears"] = dict(linear="fp8-blockwise")
+    for t in (0.1,) if smoke else (0.05, 0.1, 0.2, 0.3):
+        m[f"teacache {t}"] = dict(cache=dict(kind="teacache", threshold=t, model=TEACACHE_MODEL))
+    for t in (0.1,) if smoke else (0.03, 0.05, 0.1, 0.2):
+        m[f"fbcache {t}"] = dict(cache=dict(kind="fbcache", threshold=t))
+    if not smoke:
+        m["svg"] = dict(attention=dict(name="svg", dense="sdpa"))
+    if device.startswith("cuda"):
+        for a in ("fa3", "fa3-fp8", "sage"):
+            m[f"{a} attention"] = dict(attention=a)
+        m["fast (fp8 linears + fa3-fp8)"] = dict(linear="fp8-per-tensor", attention="fa3-fp8")
+    return m
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of frames in [0, 1]; inf when equal."""
+    mse = float((a.float() - b.float()).pow(2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def generate(pipe, prompts, seed: int, steps: int, guidance: float) -> tuple[list[torch.Tensor], float, dict]:
+    """Each prompt's frames [T, H, W, 3], the mean seconds per clip, and the summed cache counters."""
+    from dit_rt.demo import DEMO_FRAMES, DEMO_SIZE
+
+    clips, stats, t0 = [], {}, time.perf_counter()
+    for p in prompts:
+        out = pipe.generate(
+            p,
+            negative_prompt="",
+            height=DEMO_SIZE,
+            width=DEMO_SIZE,
+            num_frames=DEMO_FRAMES,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            seed=seed,
+            progress_bar=False,
+        )
+        clips.append(out.frames[0])
+        for k, v in (out.stats or {}).items():
+            if isinstance(v, (int, float)):
+                stats[k] = stats.get(k, 0) + v
+    return clips, (time.perf_counter() - t0) / len(prompts), stats
+
+
+def run(
+    folder: str, device: str, dtype: str, prompts, seed: int, steps: int, guidance: float, smoke: bool, log
+):
+    """One Row per mode; the first is the exact reference."""
+    import dit_rt
+    from dit_rt.clipcheck import check_clip
+
+    rows, exact = [], None
+    for name, options in modes(device, smoke).items():
+        row = Row(name)
+        try:
+            pipe = dit_rt.load(folder, device=device, dtype=dtype, **options)
+            clips, row.seconds, stats = generate(pipe, prompts, seed, steps, guidance)
+        except Exception as e:  # a mode this machine cannot run is a row of the report, not the end of it
+            row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            rows.append(row)
+            log(f"{name}: {row.error}")
+            continue
+        exact = exact or clips
+        scores = [psnr(c, e) for c, e in zip(clips, exact)]
+        row.psnr_mean = sum(scores) / len(scores)
+        row.psnr_min = min(scores)
+        row.passed = f"{sum(check_clip(c, p).ok for c, p in zip(clips, prompts))}/{len(prompts)}"
+        if "skipped" in stats:
+            row.skipped = f"{stats['skipped']}/{stats['skipped'] + stats.get('computed', 0)}"
+        rows.append(row)
+        log(f"{name}: psnr {row.psnr_mean:.1f} dB, {row.passed} pass, {row.seconds:.2f} s")
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    def db(x):
+        return "-" if x is None else "exact" if math.isinf(x) else f"{x:.1f}"
+
+    lines = [
+        "| mode | PSNR mean (dB) | PSNR min (dB) | clip check | s / clip | cache skipped |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.mode} | - | - | - | - | {r.error} |")
+        else:
+            lines.append(
+                f"| {r.mode} | {db(r.psnr_mean)} | {db(r.psnr_min)} | {r.passed} | {r.seconds:.2f} | "
+                f"{r.skipped or '-'} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dit_rt.demo import tiny_model_folder
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="a Hub-layout folder (default: the shipped tiny model)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--smoke", action="store_true", help="one prompt, three steps, a few modes")
+    a = p.parse_args(argv)
+    folder = a.model or str(tiny_model_folder())
+    dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
+    prompts = PROMPTS[:1] if a.smoke else PROMPTS
+    steps = 3 if a.smoke else a.steps
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    rows = run(folder, a.device, dtype, prompts, a.seed, steps, a.guidance, a.smoke, log)
+    print(
+        f"\n{len(prompts)} prompts, {steps} steps, guidance {a.guidance}, seed {a.seed}, {a.device} {dtype}"
+    )
+    print(table(rows))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=2)
+    return 0 if all(not r.error for r in rows[:1]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,392 @@
+"""Train the tiny shapes text-to-video model that `dit-rt demo` ships (dit_rt/tiny/).
+
+A Wan-architecture model in the real classes and Hub layout (WanTransformer3DModel, AutoencoderKLWan,
+UMT5 text encoder, a Unigram tokenizer over the prompt vocabulary, WanPipeline), trained on clips rendered
+on the fly: one coloured shape on a plain background, moving, growing, shrinking or changing colour as a
+prompt of `dit_rt.clipcheck`'s grammar says. Two stages:
+
+1. the VAE as an autoencoder (MSE with the shape's pixels weighed up, + L1 + a small KL, with latent
+   noise so the decoder tolerates the DiT's errors); its latent statistics become `latents_mean` /
+   `latents_std` in its config;
+2. the transformer and the text encoder together by flow matching as Wan is trained:
+   x_s = (1 - s) x0 + s noise, target noise - x0, s drawn through the scheduler's shift, timestep 1000 s,
+   prompts dropped to "" 10% of the time so classifier-free guidance works.
+
+Runs on CUDA when available, else on the CPU; reproducible from --seed. `--smoke` trains a few steps of
+each stage in seconds (CI). The checkpoint is written in fp16 to --out (default dit_rt/tiny).
+
+    python tools/train_tiny.py                      # the shipped model
+    python tools/train_tiny.py --smoke --out /tmp/t # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dit_rt.clipcheck import DIRECTIONS, PALETTE, SHAPES, VOCABULARY, Scene
+from dit_rt.demo import DEMO_FRAMES, DEMO_SIZE, INDEX, SCHEDULER, tokenizer_json, write_checkpoint
+
+SIZE, FRAMES = DEMO_SIZE, DEMO_FRAMES
+TEXT_DIM = 64
+TRANSFORMER = dict(
+    _class_name="WanTransformer3DModel",
+    patch_size=[1, 1, 1],  # a 32x32 clip is a 4x4 latent: one token per latent pixel
+    num_attention_heads=4,
+    attention_head_dim=32,
+    in_channels=16,
+    out_channels=16,
+    text_dim=TEXT_DIM,
+    freq_dim=64,
+    ffn_dim=256,
+    num_layers=4,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    image_dim=None,
+    added_kv_proj_dim=None,
+    rope_max_seq_len=1024,
+    pos_embed_seq_len=None,
+)
+VAE = dict(
+    _class_name="AutoencoderKLWan",
+    base_dim=8,
+    z_dim=16,
+    dim_mult=[1, 2, 2, 2],
+    num_res_blocks=1,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],
+    dropout=0.0,
+    latents_mean=[0.0] * 16,
+    latents_std=[1.0] * 16,
+)
+TEXT_ENCODER = dict(
+    architectures=["UMT5EncoderModel"],
+    model_type="umt5",
+    vocab_size=128,
+    d_model=TEXT_DIM,
+    d_kv=16,
+    d_ff=128,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+    dense_act_fn="gelu_new",
+    is_gated_act=True,
+    layer_norm_epsilon=1e-6,
+    dropout_rate=0.0,
+    pad_token_id=0,
+    eos_token_id=1,
+    tie_word_embeddings=False,
+)
+FLOW_SHIFT = 3.0
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+
+
+def random_scene(g: torch.Generator) -> Scene:
+    """A prompt of the grammar, uniformly over shapes, colours and motions."""
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    colours = list(PALETTE)
+    colour = pick(colours)
+    background = pick([c for c in colours if c != colour])
+    motion = pick(["moving", "moving", "growing", "shrinking", "turning"])
+    target = None
+    if motion == "moving":
+        target = pick(DIRECTIONS)
+    elif motion == "turning":
+        target = pick([c for c in colours if c not in (colour, background)])
+    return Scene(colour, pick(SHAPES), motion, target, background)
+
+
+def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=g))
+
+
+def render(scene: Scene, g: torch.Generator, frames: int = FRAMES, size: int = SIZE) -> torch.Tensor:
+    """One clip of `scene` [T, H, W, 3] in [0, 1]; position, size and speed drawn from `g`. Edges are
+    anti-aliased (coverage from the signed distance) so that small moves change pixels smoothly."""
+    u = torch.linspace(0, 1, frames)  # [T] progress through the clip
+    r0 = _uniform(g, 0.13, 0.18) * size  # half-extent
+    r = torch.full((frames,), r0)
+    if scene.motion in ("growing", "shrinking"):
+        small, big = _uniform(g, 0.10, 0.12) * size, _uniform(g, 0.25, 0.30) * size
+        r = small + (big - small) * (u if scene.motion == "growing" else 1 - u)
+    margin = float(r.max()) + 1
+    cx = torch.full((frames,), _uniform(g, margin, size - margin))
+    cy = torch.full((frames,), _uniform(g, margin, size - margin))
+    if scene.motion == "moving":
+        travel = _uniform(g, 0.35, 0.55) * size
+        lo, hi = margin, size - margin - travel
+        start = _uniform(g, lo, max(lo, hi))
+        path = start + travel * u
+        if scene.target in ("left", "up"):
+            path = size - path
+        if scene.target in ("left", "right"):
+            cx = path
+        else:
+            cy = path
+    colour = torch.tensor(PALETTE[scene.colour]).expand(frames, 3)
+    if scene.motion == "turning":
+        end = torch.tensor(PALETTE[scene.target])
+        w = ((u - 0.3) / 0.4).clamp(0, 1)[:, None]  # the change happens over the middle of the clip
+        colour = (1 - w) * colour + w * end
+    px = torch.arange(size) + 0.5  # pixel centres
+    dx = px[None, None, :] - cx[:, None, None]  # [T, 1, W]
+    dy = px[None, :, None] - cy[:, None, None]  # [T, H, 1]
+    rr = r[:, None, None]
+    if scene.shape == "circle":
+        sdf = (dx**2 + dy**2).sqrt() - rr
+    elif scene.shape == "square":
+        sdf = torch.maximum(dx.abs(), dy.abs()) - rr
+    else:  # apex up, base 2r wide at the bottom: the edges' slope is 2 (normal scaled by 1 / sqrt(5))
+        sdf = torch.maximum(dy.abs() - rr, (2 * dx.abs() - dy - rr) / math.sqrt(5))
+    cover = (0.5 - sdf).clamp(0, 1)[..., None]  # [T, H, W, 1], one pixel of anti-aliasing
+    background = torch.tensor(PALETTE[scene.background])
+    return (1 - cover) * background + cover * colour[:, None, None, :]
+
+
+def batch(g: torch.Generator, n: int, frames: int = FRAMES) -> tuple[list[str], torch.Tensor]:
+    """n random prompts and their clips as VAE input [n, 3, T, H, W] in [-1, 1]."""
+    scenes = [random_scene(g) for _ in range(n)]
+    clips = torch.stack([render(s, g, frames) for s in scenes])  # [n, T, H, W, 3]
+    return [s.prompt for s in scenes], clips.permute(0, 4, 1, 2, 3) * 2 - 1
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def build(seed: int):
+    from dit_rt.models.text import UMT5Config, UMT5Encoder
+    from dit_rt.models.wan import WanTransformer, WanTransformerConfig, WanVAE, WanVAEConfig
+
+    torch.manual_seed(seed)
+    vae = WanVAE(WanVAEConfig.from_config(VAE))
+    transformer = WanTransformer(WanTransformerConfig.from_config(TRANSFORMER))
+    text = UMT5Encoder(UMT5Config.from_config(TEXT_ENCODER))
+    for model in (vae, transformer, text):
+        init(model)
+    return vae, transformer, text
+
+
+def init(model: torch.nn.Module) -> None:
+    """Fresh-training init (dit_rt's modules are built for loading and hold uninitialised memory): fan-in
+    scaled normal weights, zero biases, unit norm scales, a small modulation table; the transformer's output
+    projection starts at zero (a zero velocity)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if (p.ndim == 1 and not name.endswith("bias")) or name.endswith("gamma"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            elif name.endswith("scale_shift_table"):
+                p.normal_(0, 0.02)
+            else:
+                fan_in = p[0].numel()
+                p.normal_(0, 1 / math.sqrt(fan_in))
+        proj_out = getattr(model, "proj_out", None)
+        if proj_out is not None:
+            proj_out.weight.zero_()
+
+
+def vae_encode(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable one-pass encode (WanVAE.encode is inference-only): [B, 3, T, H, W] in [-1, 1] ->
+    posterior mean and log-variance [B, Z, T', h, w]."""
+    mean, logvar = vae.quant_conv(vae.encoder(x)).chunk(2, dim=1)
+    return mean, logvar.clamp(-30, 20)
+
+
+def vae_decode(vae, z: torch.Tensor) -> torch.Tensor:
+    """Differentiable one-pass decode: [B, Z, T', h, w] -> [B, 3, T, H, W], unclamped."""
+    return vae.decoder(vae.post_quant_conv(z))
+
+
+def train_vae(vae, g, device, steps: int, bs: int, frames: int, log) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=steps, pct_start=0.02)
+    for step in range(steps):
+        _, x = batch(g, bs, frames)
+        x = x.to(device)
+        mean, logvar = vae_encode(vae, x)
+        z = mean + 0.02 * torch.randn(mean.shape, generator=g).to(device)  # decoder robust to latent noise
+        y = vae_decode(vae, z)
+        # The shape is a tenth of the frame: weigh its pixels up, or the cheapest fit is the background alone.
+        fg = ((x - x[:, :, :, :1, :1]).abs().amax(1, keepdim=True) > 0.1).float()  # [B, 1, T, H, W]
+        rec = ((y - x).pow(2) * (1 + 9 * fg)).mean() + (y - x).abs().mean()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        loss = rec + 1e-4 * kl + 1e-3 * mean.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae {step}/{steps} loss {rec.item():.4f} kl {kl.item():.3f}")
+
+
+@torch.no_grad()
+def latent_stats(vae, g, device, n: int, frames: int) -> tuple[list[float], list[float]]:
+    zs = [vae_encode(vae, batch(g, 8, frames)[1].to(device))[0] for _ in range(max(1, n // 8))]
+    z = torch.cat(zs).transpose(0, 1).flatten(1)  # [Z, N]
+    return z.mean(1).tolist(), z.std(1).clamp_min(1e-3).tolist()
+
+
+class LatentPool:
+    """Encoded clips to train the transformer on. Encoding is most of a CPU step's cost, so a pool of
+    `size` clips is encoded once and `refresh` of them are replaced by new ones every step."""
+
+    def __init__(self, vae, g, device, size: int, refresh: int, frames: int):
+        self.vae, self.g, self.device, self.refresh, self.frames = vae, g, device, refresh, frames
+        self.prompts, self.latents = [], []
+        while len(self.prompts) < size:
+            p, z = self.encode(min(16, size - len(self.prompts)))
+            self.prompts += p
+            self.latents.append(z)
+        self.latents = torch.cat(self.latents)
+        self.next = 0
+
+    @torch.no_grad()
+    def encode(self, n: int) -> tuple[list[str], torch.Tensor]:
+        prompts, x = batch(self.g, n, self.frames)
+        return prompts, self.vae.normalize_latents(vae_encode(self.vae, x.to(self.device))[0])
+
+    def sample(self, bs: int) -> tuple[list[str], torch.Tensor]:
+        if self.refresh:
+            p, z = self.encode(self.refresh)
+            for i in range(self.refresh):
+                j = (self.next + i) % len(self.prompts)
+                self.prompts[j], self.latents[j] = p[i], z[i]
+            self.next = (self.next + self.refresh) % len(self.prompts)
+        idx = torch.randint(len(self.prompts), (bs,), generator=self.g)
+        return [self.prompts[i] for i in idx.tolist()], self.latents[idx.to(self.latents.device)]
+
+
+def text_states(text, tokenizer, prompts: list[str], device, max_length: int = 512) -> torch.Tensor:
+    """`wan_text_embeddings` (inference-only) with gradients: [B, max_length, d_model], the rows past each
+    prompt's tokens zero, as the pipeline passes them."""
+    from dit_rt.models.text import prompt_clean
+
+    ids, mask = tokenizer.encode([prompt_clean(p) for p in prompts], max_length)
+    lens = mask.sum(dim=1)
+    n = int(lens.max())
+    hidden = text(ids[:, :n].to(device), mask[:, :n].to(device))  # [B, n, d_model]
+    keep = torch.arange(n, device=device)[None, :] < lens.to(device)[:, None]
+    return F.pad(hidden * keep[..., None], (0, 0, 0, max_length - n))
+
+
+def train_dit(pool, transformer, text, tokenizer, g, device, steps, bs, log, checkpoint) -> None:
+    params = [*transformer.parameters(), *text.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=steps, pct_start=0.05)
+    avg = None
+    for step in range(steps):
+        prompts, x0 = pool.sample(bs)
+        drop = torch.rand(bs, generator=g) < 0.1
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        u = torch.rand(bs, generator=g)
+        s = (FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)).to(device)  # the scheduler's shifted sigmas
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        sv = s.view(-1, 1, 1, 1, 1)
+        xt = (1 - sv) * x0 + sv * noise
+        context = text_states(text, tokenizer, prompts, device)
+        v = transformer(xt, s * 1000, context)
+        loss = F.mse_loss(v.float(), noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"dit {step}/{steps} loss {loss.item():.4f} avg {avg:.4f}")
+        if checkpoint and step and step % checkpoint == 0:
+            yield step
+
+
+def save(out: Path, vae, transformer, text, stats) -> Path:
+    """The fp16 checkpoint in the Hub layout (the models themselves stay in training precision)."""
+    vae, transformer, text = (copy.deepcopy(m).cpu().half() for m in (vae, transformer, text))
+    vae_config = dict(VAE, latents_mean=stats[0], latents_std=stats[1])
+    components = {
+        "transformer": {
+            "diffusion_pytorch_model.safetensors": transformer.half(),
+            "config.json": TRANSFORMER,
+        },
+        "vae": {"diffusion_pytorch_model.safetensors": vae.half(), "config.json": vae_config},
+        "text_encoder": {"model.safetensors": text.half(), "config.json": TEXT_ENCODER},
+        "scheduler": {"scheduler_config.json": dict(SCHEDULER, flow_shift=FLOW_SHIFT)},
+        "tokenizer": {"tokenizer.json": tokenizer_json(VOCABULARY)},
+    }
+    return write_checkpoint(out, INDEX, components)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dit_rt.models.text import T5Tokenizer
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "dit_rt" / "tiny"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--vae-steps", type=int, default=5000)
+    p.add_argument("--vae-batch", type=int, default=4)
+    p.add_argument("--vae-frames", type=int, default=9)
+    p.add_argument("--dit-steps", type=int, default=3000)
+    p.add_argument("--dit-batch", type=int, default=32)
+    p.add_argument("--vae-state", help="a file keeping the stage-1 VAE: loaded if it exists, else written")
+    p.add_argument("--pool", type=int, default=2048, help="encoded clips the transformer trains on")
+    p.add_argument("--refresh", type=int, default=8, help="pool clips replaced by new ones each step")
+    p.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every N steps")
+    p.add_argument("--smoke", action="store_true", help="a few steps of each stage (seconds, for CI)")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.vae_steps, a.vae_batch, a.vae_frames, a.dit_steps, a.dit_batch = 2, 1, 5, 2, 2
+    device = torch.device(a.device)
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
+
+    g = torch.Generator().manual_seed(a.seed)  # stage 1's data; stage 2 has its own, so --vae-state resumes
+    vae, transformer, text = (m.to(device) for m in build(a.seed))
+    n = sum(p.numel() for m in (vae, transformer, text) for p in m.parameters())
+    log(f"{n / 1e6:.2f}M parameters on {device}")
+    if a.vae_state and Path(a.vae_state).is_file():
+        vae.load_state_dict(torch.load(a.vae_state, map_location=device))
+        log(f"VAE from {a.vae_state}")
+    else:
+        train_vae(vae, g, device, a.vae_steps, a.vae_batch, a.vae_frames, log)
+        if a.vae_state:
+            torch.save(vae.state_dict(), a.vae_state)
+    g = torch.Generator().manual_seed(a.seed + 1)
+    stats = latent_stats(vae, g, device, 8 if a.smoke else 256, FRAMES)
+    vae.config = type(vae.config).from_config(dict(VAE, latents_mean=stats[0], latents_std=stats[1]))
+    tok_dir = Path(a.out) / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    (tok_dir / "tokenizer.json").write_text(tokenizer_json(VOCABULARY))
+    tokenizer = T5Tokenizer.from_folder(tok_dir)
+    vae.requires_grad_(False)
+    pool = LatentPool(vae, g, device, 16 if a.smoke else a.pool, 1 if a.smoke else a.refresh, FRAMES)
+    log(f"encoded a pool of {len(pool.prompts)} clips")
+    for step in train_dit(
+        pool, transformer, text, tokenizer, g, device, a.dit_steps, a.dit_batch, log, a.save_every
+    ):
+        save(Path(a.out), vae, transformer, text, stats)
+        log(f"saved step {step}")
+    folder = save(Path(a.out), vae, transformer, text, stats)
+    log(f"wrote {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
