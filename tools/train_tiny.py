@@ -30,62 +30,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dit_rt import demo
 from dit_rt.clipcheck import DIRECTIONS, PALETTE, SHAPES, VOCABULARY, Scene
 from dit_rt.demo import DEMO_FRAMES, DEMO_SIZE, INDEX, SCHEDULER, tokenizer_json, write_checkpoint
 
 SIZE, FRAMES = DEMO_SIZE, DEMO_FRAMES
 TEXT_DIM = 64
-TRANSFORMER = dict(
-    _class_name="WanTransformer3DModel",
+# The demo's tiny Wan configurations (dit_rt.demo), widened for training and with 1x1 patches.
+TRANSFORMER = demo.TRANSFORMER | dict(
     patch_size=[1, 1, 1],  # a 32x32 clip is a 4x4 latent: one token per latent pixel
     num_attention_heads=4,
     attention_head_dim=32,
-    in_channels=16,
-    out_channels=16,
     text_dim=TEXT_DIM,
     freq_dim=64,
     ffn_dim=256,
     num_layers=4,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    image_dim=None,
-    added_kv_proj_dim=None,
-    rope_max_seq_len=1024,
-    pos_embed_seq_len=None,
 )
-VAE = dict(
-    _class_name="AutoencoderKLWan",
-    base_dim=8,
-    z_dim=16,
-    dim_mult=[1, 2, 2, 2],
-    num_res_blocks=1,
-    attn_scales=[],
-    temperal_downsample=[False, True, True],
-    dropout=0.0,
-    latents_mean=[0.0] * 16,
-    latents_std=[1.0] * 16,
-)
-TEXT_ENCODER = dict(
-    architectures=["UMT5EncoderModel"],
-    model_type="umt5",
-    vocab_size=128,
-    d_model=TEXT_DIM,
-    d_kv=16,
-    d_ff=128,
-    num_layers=2,
-    num_heads=4,
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    feed_forward_proj="gated-gelu",
-    dense_act_fn="gelu_new",
-    is_gated_act=True,
-    layer_norm_epsilon=1e-6,
-    dropout_rate=0.0,
-    pad_token_id=0,
-    eos_token_id=1,
-    tie_word_embeddings=False,
-)
+VAE = dict(demo.VAE)
+TEXT_ENCODER = demo.TEXT_ENCODER | dict(d_model=TEXT_DIM, d_kv=16, d_ff=128)
 FLOW_SHIFT = 3.0
 
 
