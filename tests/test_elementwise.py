@@ -104,6 +104,17 @@ for dt in (torch.float32, torch.bfloat16):
     pairs["gated_residual(shard)"] = (E.gated_residual(x, shard, g), E._gated_residual_cuda(x, shard, g))
     pairs["rms(shard)"] = (E.rms_norm_rope(shard, wq, 1e-6, H),
                            E._rms_norm_rope_cuda(shard, wq, 1e-6, None, None).unflatten(-1, (H, -1)))
+    # per-frame modulation and gate (Cosmos Video2World): row t of [B, T, D] for the t-th L / T tokens
+    Tf, Lf = 3, 3 * E._LN_ROWS_PER_PROGRAM
+    xf, rf = torch.randn(B, Lf, D).to(dt), torch.randn(B, Lf, D).to(dt)
+    sf, cf, gf = torch.randn(B, Tf, D), 1 + torch.randn(B, Tf, D), torch.randn(B, Tf, D)
+    pairs["ln_modulate(per frame)"] = (E.layer_norm_modulate(xf, sf, cf, 1e-6),
+                                       E._ln_modulate_cuda(xf, sf, cf, 1e-6))
+    pairs["gated_residual(per frame)"] = (E.gated_residual(xf, rf, gf), E._gated_residual_cuda(xf, rf, gf))
+    total, normed = E._add_ln_modulate_cuda(xf, rf, sf, cf, 1e-6, None, gf)
+    pairs["gated add+ln_modulate(per frame, sum)"] = (E.gated_residual(xf, rf, gf), total)
+    pairs["gated add+ln_modulate(per frame)"] = (E.layer_norm_modulate(total, sf, cf, 1e-6), normed)
+    assert not E._kernel_rows(Lf + 1, sf) and E._kernel_rows(Lf, sf, gf) and E._kernel_rows(5, shift)
     # the VAE's RMS norm + SiLU, written into the frames of a time-padded channels-last conv buffer
     video = torch.randn(B, 6, 3, 2, 4).to(dt).contiguous(memory_format=torch.channels_last_3d)
     buf = torch.zeros(B, 6, 5, 2, 4, dtype=dt).contiguous(memory_format=torch.channels_last_3d)

@@ -293,6 +293,43 @@ def save(out: Path, vae, transformer, text, stats) -> Path:
     return write_checkpoint(out, INDEX, components)
 
 
+def fit_steps(a, vae, transformer, text, device, log) -> tuple[int, int]:
+    """Step counts that fill a.fit_minutes (VAE a third, transformer the rest), timed on copies of the
+    models with their own data generator, so the real run is the one the printed counts reproduce."""
+    from dit_rt.models.text import T5Tokenizer
+
+    def seconds_per_step(run, n: int = 30) -> float:
+        run(5)  # warm-up: allocator, cuDNN autotuning
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        run(n)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) / n
+
+    g = torch.Generator().manual_seed(a.seed + 7)
+    v, tr, te = (copy.deepcopy(m) for m in (vae, transformer, text))
+    quiet = lambda msg: None  # noqa: E731
+    vae_s = seconds_per_step(lambda n: train_vae(v, g, device, n, a.vae_batch, a.vae_frames, quiet))
+    tok_dir = Path(a.out) / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    (tok_dir / "tokenizer.json").write_text(tokenizer_json(VOCABULARY))
+    tok = T5Tokenizer.from_folder(tok_dir)
+    v.requires_grad_(False)
+    pool = LatentPool(v, g, device, 64, a.refresh, FRAMES)
+    dit_s = seconds_per_step(
+        lambda n: list(train_dit(pool, tr, te, tok, g, device, n, a.dit_batch, quiet, 0))
+    )
+    budget = a.fit_minutes * 60 * 0.95 - 10  # margin: latent statistics, the pool, saving
+    vae_steps, dit_steps = int(budget / 3 / vae_s), int(budget * 2 / 3 / dit_s)
+    log(
+        f"{vae_s * 1e3:.1f} ms per VAE step, {dit_s * 1e3:.1f} ms per transformer step: "
+        f"--vae-steps {vae_steps} --dit-steps {dit_steps} fill {a.fit_minutes} min"
+    )
+    return vae_steps, dit_steps
+
+
 def main(argv: list[str] | None = None) -> int:
     from dit_rt.models.text import T5Tokenizer
 
@@ -309,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pool", type=int, default=2048, help="encoded clips the transformer trains on")
     p.add_argument("--refresh", type=int, default=8, help="pool clips replaced by new ones each step")
     p.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every N steps")
+    p.add_argument(
+        "--fit-minutes",
+        type=float,
+        help="choose --vae-steps / --dit-steps to fill this many minutes (a third for the VAE), from the "
+        "speed of a few throwaway steps of each stage; the counts are printed to reproduce the run",
+    )
     p.add_argument("--smoke", action="store_true", help="a few steps of each stage (seconds, for CI)")
     a = p.parse_args(argv)
     if a.smoke:
@@ -323,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     vae, transformer, text = (m.to(device) for m in build(a.seed))
     n = sum(p.numel() for m in (vae, transformer, text) for p in m.parameters())
     log(f"{n / 1e6:.2f}M parameters on {device}")
+    if a.fit_minutes and not a.smoke:
+        a.vae_steps, a.dit_steps = fit_steps(a, vae, transformer, text, device, log)
     if a.vae_state and Path(a.vae_state).is_file():
         vae.load_state_dict(torch.load(a.vae_state, map_location=device))
         log(f"VAE from {a.vae_state}")

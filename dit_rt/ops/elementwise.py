@@ -62,7 +62,7 @@ def _kernels():
     @triton.jit
     def ln_modulate_kernel(
         x_ptr, out_ptr, shift_ptr, scale_ptr, qinv_ptr, r_ptr, sum_ptr, gate_ptr, L, D, eps, stride_xb,
-        stride_xr, stride_mb, stride_gb, RPP, HAS_MOD: tl.constexpr, QUANT: tl.constexpr,
+        stride_xr, stride_mb, stride_gb, RPP, CPM, CPG, HAS_MOD: tl.constexpr, QUANT: tl.constexpr,
         HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         # RPP token rows of batch b, R at a time: y = ((x - mean) * rstd) * scale + shift in fp32, stored
@@ -71,15 +71,19 @@ def _kernels():
         # 8 bytes a channel against x's 2, and reloading them made the kernel twice as slow as a copy.
         # HAS_RES: x + r (r contiguous [B, L, D]; HAS_GATE: x + r * gate, gate [B, 1, D] fp32, the gated
         # residual) is formed first in fp32, rounded to x's dtype as the unfused add would, stored to
-        # sum_ptr, and normalised: the residual stream is read once instead of twice.
+        # sum_ptr, and normalised: the residual stream is read once instead of twice. Per-frame modulation:
+        # shift / scale rows [B, T, D] (gate likewise), CPM (CPG) programs of RPP rows per modulation (gate)
+        # row, so a program's rows share one row; CPM >= the program count for one row per batch item.
         chunk, b = tl.program_id(0), tl.program_id(1)
         cols = tl.arange(0, BLOCK_D)
         cmask = cols < D
         if HAS_MOD:
-            scale = tl.load(scale_ptr + b * stride_mb + cols, mask=cmask, other=0.0)[None, :]
-            shift = tl.load(shift_ptr + b * stride_mb + cols, mask=cmask, other=0.0)[None, :]
+            m_row = b * stride_mb + (chunk // CPM) * D
+            scale = tl.load(scale_ptr + m_row + cols, mask=cmask, other=0.0)[None, :]
+            shift = tl.load(shift_ptr + m_row + cols, mask=cmask, other=0.0)[None, :]
         if HAS_GATE:
-            gate = tl.load(gate_ptr + b * stride_gb + cols, mask=cmask, other=0.0)[None, :]
+            g_row = b * stride_gb + (chunk // CPG) * D
+            gate = tl.load(gate_ptr + g_row + cols, mask=cmask, other=0.0)[None, :]
         if QUANT:
             qinv = tl.load(qinv_ptr)
         for l0 in range(chunk * RPP, chunk * RPP + RPP, R):
@@ -107,14 +111,15 @@ def _kernels():
 
     @triton.jit
     def gated_residual_kernel(
-        x_ptr, y_ptr, gate_ptr, out_ptr, L, D, stride_yr, stride_gb, BLOCK_D: tl.constexpr
+        x_ptr, y_ptr, gate_ptr, out_ptr, G, D, stride_yr, stride_gb, BLOCK_D: tl.constexpr
     ):
+        # G rows per gate row: the sequence length for one gate per batch item, a frame's tokens per frame.
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
         x = tl.load(x_ptr + row.to(tl.int64) * D + cols, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + row.to(tl.int64) * stride_yr + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(gate_ptr + (row // L) * stride_gb + cols, mask=mask, other=0.0)
+        g = tl.load(gate_ptr + (row // G) * stride_gb + cols, mask=mask, other=0.0)
         tl.store(out_ptr + row.to(tl.int64) * D + cols, (x + y * g).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -245,23 +250,27 @@ def _ln_launch(x, shift, scale1, eps, qinv, residual, gate=None) -> tuple[torch.
         residual = residual.contiguous()
         total = torch.empty(B, L, D, device=x.device, dtype=x.dtype)
     has_mod = shift is not None
+    programs = triton.cdiv(L, _LN_ROWS_PER_PROGRAM)
+    cpm = cpg = programs  # one modulation (gate) row per batch item
     if has_mod:
-        shift, scale1 = (
-            shift.float().expand(B, 1, D).contiguous(),
-            scale1.float().expand(B, 1, D).contiguous(),
-        )
+        T = shift.shape[1]
+        shift, scale1 = (m.float().expand(B, T, D).contiguous() for m in (shift, scale1))
+        cpm = programs if T == 1 else L // T // _LN_ROWS_PER_PROGRAM
     if gate is not None:
-        gate = gate.float().expand(B, 1, D).contiguous()
+        T = gate.shape[1]
+        gate = gate.float().expand(B, T, D).contiguous()
+        cpg = programs if T == 1 else L // T // _LN_ROWS_PER_PROGRAM
     block = triton.next_power_of_2(D)
     # Rows per step and warps, measured best on an H100 at 32,760 rows: plain, 4 rows (D = 1536) or 2 (D =
     # 5120) on 4 warps; with the residual (two more row tiles live, plus the gate), 2 rows on 4 warps at
     # D = 1536 (128 vs 138 us gated) and on 16 at D = 5120 (507 vs 970 us: 4 warps spill registers).
     r = min(16, max(2, 8192 // block)) if residual is None else 2
     warps = 4 if residual is None else max(4, block // 512)
-    kernel[(triton.cdiv(L, _LN_ROWS_PER_PROGRAM), B)](
+    kernel[(programs, B)](
         x, out, shift if has_mod else x, scale1 if has_mod else x, x if qinv is None else qinv,
         x if residual is None else residual, x if total is None else total, x if gate is None else gate,
-        L, D, eps, x.stride(0), x.stride(1), D, D, _LN_ROWS_PER_PROGRAM,
+        L, D, eps, x.stride(0), x.stride(1), shift.shape[1] * D if has_mod else D,
+        D if gate is None else gate.shape[1] * D, _LN_ROWS_PER_PROGRAM, cpm, cpg,
         HAS_MOD=has_mod, QUANT=qinv is not None, HAS_RES=residual is not None, HAS_GATE=gate is not None,
         R=r, BLOCK_D=block, num_warps=warps,
     )  # fmt: skip
@@ -313,9 +322,10 @@ def layer_norm_modulate(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """fp32 LayerNorm of x [B, L, D] times `scale1` plus `shift` ([B, 1, D] fp32, the adaLN modulation with
-    the 1 already added), or with an affine `weight` / `bias` [D]; returned in x's dtype."""
+    the 1 already added), or with an affine `weight` / `bias` [D]; returned in x's dtype. Per-frame
+    modulation: shift / scale1 [B, T, D], row t for the t-th L / T of the tokens (L a multiple of T)."""
     scale1, shift = _modulation(scale1, shift, weight, bias)
-    if _use_triton(x):
+    if _use_triton(x) and _kernel_rows(x.shape[1], shift, scale1):
         return _ln_modulate_cuda(x, shift, scale1, eps)
     return _layer_norm_fp32(x, shift, scale1, eps).type_as(x)
 
@@ -336,8 +346,10 @@ def add_layer_norm_modulate(
     """(x + residual, `layer_norm_modulate` of that sum) in one pass on CUDA: the sum is rounded to x's
     dtype, as `x + residual` would be, before it is normalised. gate ([B, 1, D] fp32): the sum is
     `gated_residual(x, residual, gate)` instead. weight / bias: an affine LayerNorm (shift / scale1 None).
-    fp8=True: the second result is `layer_norm_modulate_fp8`'s codes (with `row_norm` as there)."""
-    if not (_use_triton(x) and residual.dtype == x.dtype and residual.shape == x.shape):
+    fp8=True: the second result is `layer_norm_modulate_fp8`'s codes (with `row_norm` as there). Per-frame
+    modulation and gate [B, T, D] as in `layer_norm_modulate`."""
+    fused = _use_triton(x) and residual.dtype == x.dtype and residual.shape == x.shape
+    if not (fused and _kernel_rows(x.shape[1], shift, scale1, gate)):
         total = x + residual if gate is None else gated_residual(x, residual, gate)
         if fp8:
             return total, layer_norm_modulate_fp8(total, shift, scale1, eps, weight, bias, row_norm)
@@ -359,7 +371,29 @@ def _modulation(scale1, shift, weight, bias):
 
 def _layer_norm_fp32(x, shift, scale1, eps) -> torch.Tensor:
     y = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
-    return y if shift is None else torch.addcmul(shift, y, scale1)
+    L = x.shape[1]
+    return y if shift is None else torch.addcmul(_spread(shift, L), y, _spread(scale1, L))
+
+
+def _spread(mod: torch.Tensor, L: int) -> torch.Tensor:
+    """Per-token rows [B, L, D] of a per-frame modulation [B, T, D] (T dividing L); [B, 1, D] as it is."""
+    T = mod.shape[1]
+    if T in (1, L):
+        return mod
+    if L % T:
+        raise ValueError(f"per-frame modulation of {T} rows for {L} tokens: {L} is not a multiple of {T}")
+    return mod.repeat_interleave(L // T, dim=1)
+
+
+def _kernel_rows(L: int, *mods: torch.Tensor | None) -> bool:
+    """Whether the LayerNorm kernels take these modulation / gate tensors at sequence length L: one row per
+    batch item, or T rows each over a whole number of the kernels' programs (L / T rows a multiple of
+    _LN_ROWS_PER_PROGRAM, as a 704x1280 Cosmos frame's 3,520 tokens are)."""
+    for m in mods:
+        T = 1 if m is None else m.shape[1]
+        if T > 1 and (L % T or (L // T) % _LN_ROWS_PER_PROGRAM):
+            return False
+    return True
 
 
 def layer_norm_modulate_fp8(
@@ -384,7 +418,7 @@ def layer_norm_modulate_fp8(
     """
     scale1, shift = _modulation(scale1, shift, weight, bias)
     qscale, qinv, norm = _ln_fp8_scales(x.shape[-1], shift, scale1, x.device, row_norm)
-    if _use_triton(x):
+    if _use_triton(x) and _kernel_rows(x.shape[1], shift, scale1):
         q = _ln_modulate_cuda(x, shift, scale1, eps, qinv)
     else:
         q = _codes(_layer_norm_fp32(x, shift, scale1, eps), qinv)
@@ -425,10 +459,11 @@ def _gated_residual_cuda(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -
     B, L, D = x.shape
     x = x.contiguous()
     y, rows, stride = _rows(y)
-    gate = gate.float().expand(B, 1, D).contiguous()
+    T = gate.shape[1]
+    gate = gate.float().expand(B, T, D).contiguous()
     out = torch.empty_like(x)
     block = triton.next_power_of_2(D)
-    kernel[(rows,)](x, y, gate, out, L, D, stride, D, BLOCK_D=block, num_warps=_warps(block))
+    kernel[(rows,)](x, y, gate, out, L // T, D, stride, D, BLOCK_D=block, num_warps=_warps(block))
     return out
 
 
@@ -438,10 +473,11 @@ def _(x, y, gate):
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """x + y * gate in fp32 (x, y [B, L, D], gate [B, 1, D] fp32), returned in x's dtype."""
-    if _use_triton(x) and y.dtype == x.dtype:
+    """x + y * gate in fp32 (x, y [B, L, D], gate [B, 1, D] fp32, or per frame [B, T, D]: row t for the t-th
+    L / T of the tokens), returned in x's dtype."""
+    if _use_triton(x) and y.dtype == x.dtype and x.shape[1] % gate.shape[1] == 0:
         return _gated_residual_cuda(x, y, gate)
-    return torch.addcmul(x.float(), y, gate).type_as(x)
+    return torch.addcmul(x.float(), y, _spread(gate, x.shape[1])).type_as(x)
 
 
 # ---------------------------------------------------------------------------------------- RMSNorm + RoPE

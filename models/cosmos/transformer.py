@@ -200,27 +200,13 @@ def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([args.cos(), args.sin()], dim=-1)
 
 
-def _modulated_norm(consumer: nn.Module, x: torch.Tensor, shift, scale1) -> torch.Tensor:
-    """fp32 LayerNorm(x) * scale1 + shift for the Linear `consumer` (`norm_into`). Per-token modulation
-    ([B, L, D], per-frame timesteps) runs as torch ops: the fused kernels take one vector per batch item."""
-    if shift.shape[1] == 1:
-        return norm_into(consumer, x, shift, scale1, EPS)
-    return torch.addcmul(shift, F.layer_norm(x.float(), x.shape[-1:], eps=EPS), scale1).type_as(x)
-
-
-def _gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """x + y * gate in fp32, returned in x's dtype (gate [B, 1, D] or per-token [B, L, D])."""
-    if gate.shape[1] == 1:
-        return gated_residual(x, y, gate)
-    return torch.addcmul(x.float(), y.float(), gate).type_as(x)
-
-
-def _add_norm(consumer: nn.Module, x, y, gate, shift, scale1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + y * gate, its modulated LayerNorm for `consumer`), in one pass where the kernels apply."""
-    if gate.shape[1] == 1:
-        return add_norm_into(consumer, x, y, shift, scale1, EPS, gate=gate)
-    x = _gated_add(x, y, gate)
-    return x, _modulated_norm(consumer, x, shift, scale1)
+def _token_rows(x: torch.Tensor, mods: tuple, frames: torch.Tensor | None, frame_tokens: int) -> tuple:
+    """The modulation rows for the tokens of x: as they are ([B, 1, D], or per frame [B, T, D] when x holds
+    all T * frame_tokens tokens: the fused kernels index frames themselves), else each token's frame row
+    [B, L, D] (x a sequence shard, frames its tokens' frame indices)."""
+    if frames is None or x.shape[1] == mods[0].shape[1] * frame_tokens:
+        return mods
+    return tuple(m[:, frames] for m in mods)
 
 
 # ------------------------------------------------------------------------------------------------ embedders
@@ -303,14 +289,12 @@ class AdaLNLoRA(nn.Module):
         self.linear_2 = nn.Linear(rank, chunks * dim, bias=False)
         self.chunks = chunks
 
-    def forward(self, silu_e: torch.Tensor, temb: torch.Tensor, frames: torch.Tensor | None):
-        """silu_e [B, T', D], temb [B, T', 3D] -> (shift, 1 + scale[, gate]), fp32 [B, 1, D] each (one
-        timestep per item), or per token [B, L, D]: the row of each token's frame (per-frame timesteps;
-        frames [L] holds the tokens' frame indices)."""
+    def forward(self, silu_e: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """silu_e [B, T', D], temb [B, T', 3D] -> (shift, 1 + scale[, gate]), fp32 [B, T', D] each: T' = 1
+        (one timestep per item) or the latent frames (per-frame timesteps)."""
         mod = self.linear_2(self.linear_1(silu_e)).float() + temb[..., : self.linear_2.out_features].float()
         shift, scale, *gate = mod.chunk(self.chunks, dim=-1)
-        mod = torch.cat([shift, 1 + scale, *gate], dim=-1)  # [B, T', n*D]: the 1 added before any spreading
-        return (mod if frames is None else mod[:, frames]).chunk(self.chunks, dim=-1)
+        return (shift, 1 + scale, *gate)
 
 
 class FeedForward(nn.Module):
@@ -401,20 +385,22 @@ class CosmosBlock(nn.Module):
         rope: RotaryFreqs,  # [L, 1, Dh/2]
         pos: torch.Tensor | None,  # [1, L, D] model dtype (Cosmos-1.0) or None
         frames: torch.Tensor | None,  # [L] frame index per token (per-frame timesteps) or None
+        frame_tokens: int,  # tokens per latent frame (per-frame timesteps) or 0
     ) -> torch.Tensor:
         if pos is not None:
             x = x + pos
         e = F.silu(embedded_timestep)
-        shift, scale1, gate = self.norm1(e, temb, frames)  # fp32 [B, 1 or L, D]
-        y = self.attn1(_modulated_norm(self.attn1.to_qkv, x, shift, scale1), rope)
+        # fp32 [B, 1 or T, D] each, or [B, L, D] on a sequence shard with per-frame timesteps
+        shift, scale1, gate = _token_rows(x, self.norm1(e, temb), frames, frame_tokens)
+        y = self.attn1(norm_into(self.attn1.to_qkv, x, shift, scale1, EPS), rope)
 
-        c_shift, c_scale1, c_gate = self.norm2(e, temb, frames)
-        x, y = _add_norm(self.attn2.to_q, x, y, gate, c_shift, c_scale1)
+        c_shift, c_scale1, c_gate = _token_rows(x, self.norm2(e, temb), frames, frame_tokens)
+        x, y = add_norm_into(self.attn2.to_q, x, y, c_shift, c_scale1, EPS, gate=gate)
         y = self.attn2(y, context)
 
-        f_shift, f_scale1, f_gate = self.norm3(e, temb, frames)
-        x, y = _add_norm(self.ff.net[0].proj, x, y, c_gate, f_shift, f_scale1)
-        return _gated_add(x, self.ff(y), f_gate)
+        f_shift, f_scale1, f_gate = _token_rows(x, self.norm3(e, temb), frames, frame_tokens)
+        x, y = add_norm_into(self.ff.net[0].proj, x, y, f_shift, f_scale1, EPS, gate=c_gate)
+        return gated_residual(x, self.ff(y), f_gate)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -428,12 +414,12 @@ class CosmosTransformer(nn.Module):
     keep_fp32: ClassVar[tuple[str, ...]] = ("learnable_pos_embed",)
     ckpt_key_map: ClassVar[tuple[tuple[str, str | None], ...]] = ()  # fused projections: `sources`
     # The block seam (dit_rt.contract): one stack,
-    # `runner(blocks, x, context, embedded_timestep, temb, rope, pos, frames)`.
+    # `runner(blocks, x, context, embedded_timestep, temb, rope, pos, frames, frame_tokens)`.
     stacks: ClassVar[tuple[BlockStack, ...]] = (
         BlockStack(
             "transformer_blocks",
             carry=("x",),
-            args=("context", "embedded_timestep", "temb", "rope", "pos", "frames"),
+            args=("context", "embedded_timestep", "temb", "rope", "pos", "frames", "frame_tokens"),
         ),
     )
     # FBCache compares the first block's residual; TeaCache measures a runner argument (COSMOS_RULES).
@@ -448,6 +434,7 @@ class CosmosTransformer(nn.Module):
         inputs={
             "x": Split("x"), "rope": Split("x", dim=0), "pos": Split("x"), "frames": Split("x", dim=0),
             "context": Replicate(), "embedded_timestep": Replicate(), "temb": Replicate(),
+            "frame_tokens": Replicate(),
         },
         attention={"transformer_blocks.*.attn1.attn": ("x",)},
     )  # fmt: skip
@@ -564,13 +551,11 @@ class CosmosTransformer(nn.Module):
         if self.crossattn_proj is not None:
             context = self.crossattn_proj(context)  # [B, Lt, text_embed_dim]
 
-        x = self.runner(self.transformer_blocks, x, context, e, temb, rope, pos, frames)  # [B, L, D]
+        frame_tokens = h * w if frames is not None else 0
+        x = self.runner(self.transformer_blocks, x, context, e, temb, rope, pos, frames, frame_tokens)
 
-        shift, scale1 = self.norm_out(F.silu(e), temb, frames)  # fp32 [B, 1 or L, D]
-        if shift.shape[1] == 1:
-            x = layer_norm_modulate(x, shift, scale1, EPS)
-        else:
-            x = torch.addcmul(shift, F.layer_norm(x.float(), x.shape[-1:], eps=EPS), scale1).to(dtype)
+        shift, scale1 = self.norm_out(F.silu(e), temb)  # fp32 [B, 1 or T, D]
+        x = layer_norm_modulate(x, shift, scale1, EPS)  # [B, L, D]
         x = self.proj_out(x)  # [B, L, ph*pw*pt*Cout], features ordered (ph, pw, pt, c)
         x = x.reshape(B, t, h, w, ph, pw, pt, -1).permute(0, 7, 1, 6, 2, 4, 3, 5)
         return x.reshape(B, -1, T, H, W)
