@@ -248,34 +248,49 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    import dit_rt
-    from dit_rt.demo import tiny_wan_folder
+    import dataclasses
 
+    import dit_rt
+    from dit_rt.clipcheck import check_clip, parse_prompt
+    from dit_rt.demo import DEMO_FRAMES, DEMO_SIZE, tiny_model_folder
+
+    try:  # the words and the grammar, before anything loads
+        parse_prompt(a.prompt)
+    except ValueError as e:
+        raise SystemExit(f"dit-rt: error: --prompt: {e}") from None
+    if a.scale < 1:
+        raise SystemExit(f"dit-rt: error: --scale must be >= 1, got {a.scale}")
     _check_output(a.output)
-    folder = tiny_wan_folder()
-    print(f"checkpoint: {folder} (tiny, random weights)")
+    folder = tiny_model_folder()
+    print(f"checkpoint: {folder} (the tiny shapes model, trained by tools/train_tiny.py)")
     t0 = time.perf_counter()
     pipe = dit_rt.load(str(folder), device="cpu", dtype="float32")
     _timed("loaded", t0)
     t0 = time.perf_counter()
     out = pipe.generate(
-        "a cat and a dog baking a cake",
-        height=64,
-        width=96,
-        num_frames=9,
+        a.prompt,
+        negative_prompt="",  # what the model was trained to take as "no prompt"
+        height=DEMO_SIZE,
+        width=DEMO_SIZE,
+        num_frames=DEMO_FRAMES,
         num_inference_steps=a.steps,
+        guidance_scale=a.guidance,
         seed=a.seed,
         progress_bar=False,
     )
     _timed("generated", t0)
     _report(out)
-    written = out.save(a.output, fps=8)
-    print("wrote " + ", ".join(str(p) for p in written) + " (random weights: expect noise)")
+    print(f"check: {check_clip(out.frames[0], a.prompt)}")
+    big = out.frames.repeat_interleave(a.scale, dim=2).repeat_interleave(a.scale, dim=3)  # nearest, x scale
+    written = dataclasses.replace(out, frames=big).save(a.output, fps=8)
+    size = f"{DEMO_SIZE * a.scale} px, {DEMO_FRAMES} frames"
+    print("wrote " + ", ".join(str(p) for p in written) + f" ({size})")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from dit_rt import __version__
+    from dit_rt.clipcheck import DEFAULT_PROMPT, DEMO_GUIDANCE, DEMO_STEPS, GRAMMAR, PALETTE, SHAPES
 
     p = argparse.ArgumentParser(prog="dit-rt", description="Diffusion-transformer image and video generation")
     p.add_argument("--version", action="version", version=f"dit-rt {__version__}")
@@ -326,13 +341,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo",
-        help="generate a short clip with a tiny random model on the CPU (no download)",
+        help="a clip from the tiny shapes model shipped with dit_rt, on the CPU in seconds (no download)",
         parents=[verbose],
         formatter_class=_HelpFormatter,
     )
     d.add_argument("-o", "--output", default="demo.mp4", help="output file: .mp4, .gif, .webp or .png")
-    d.add_argument("--steps", type=int, default=4, help="denoising steps")
+    d.add_argument(
+        "--prompt",
+        default=DEFAULT_PROMPT,
+        help=f"what to draw: {GRAMMAR}; colours: {', '.join(PALETTE)}; shapes: {', '.join(SHAPES)}",
+    )
+    d.add_argument("--steps", type=int, default=DEMO_STEPS, help="denoising steps")
+    d.add_argument("--guidance", type=float, default=DEMO_GUIDANCE, help="classifier-free guidance scale")
     d.add_argument("--seed", type=int, default=0, help="random seed")
+    d.add_argument("--scale", type=int, default=8, help="the 32x32 clip is written this many times larger")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -29,6 +29,8 @@ DIRECTIONS = ("left", "right", "up", "down")
 MOTIONS = ("moving", "growing", "shrinking", "turning")
 VOCABULARY = ("a", "on", "background", *PALETTE, *SHAPES, *DIRECTIONS, *MOTIONS)
 DEFAULT_PROMPT = "a red circle moving right on a blue background"
+DEMO_SIZE, DEMO_FRAMES = 32, 9  # what the tiny model was trained on (tools/train_tiny.py)
+DEMO_STEPS, DEMO_GUIDANCE = 25, 3.0  # `dit-rt demo`'s sampling (chosen with the clip check, BENCHMARKS.md)
 GRAMMAR = (
     "a <colour> <shape> <motion> on a <colour> background; motion: moving left|right|up|down, growing, "
     "shrinking, turning <colour>"

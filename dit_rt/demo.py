@@ -107,7 +107,7 @@ INDEX = dict(
 
 
 TINY_MODEL = Path(__file__).resolve().parent / "tiny"
-DEMO_SIZE, DEMO_FRAMES = 32, 9  # what the tiny model was trained on (tools/train_tiny.py)
+from dit_rt.clipcheck import DEMO_FRAMES, DEMO_GUIDANCE, DEMO_SIZE, DEMO_STEPS  # noqa: E402, F401
 
 
 def tiny_model_folder() -> Path:

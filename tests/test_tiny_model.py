@@ -194,3 +194,20 @@ def test_quality_harness_smoke(capsys, tmp_path):
     fp8 = float(rows["fp8-per-tensor linears"][0])
     assert 15 < fp8 < 100  # emulated fp8 changes the frames, a little
     assert rows["fbcache 0.1"][2].strip() in ("0/1", "1/1")
+
+
+def test_quality_parallel_rows_equal_one_process(tmp_path, monkeypatch):
+    # the harness's Ulysses / Ring rows: two forked gloo processes, rank 0's clips against one process
+    from dit_rt.demo import write_tiny_wan
+
+    folder = str(write_tiny_wan(tmp_path / "m"))
+    args = (["a red circle growing on a blue background"], 0, 2, 1.0)
+    pipe = dit_rt.load(folder, device="cpu", dtype="float32")
+    (ref,), _, _ = quality.generate(pipe, *args)
+    for parallel in (dict(ulysses=2), dict(ring=2)):
+        (clip,), seconds, _ = quality.launched(folder, "cpu", "float32", dict(parallel=parallel), *args)
+        assert clip.shape == ref.shape and seconds > 0
+        torch.testing.assert_close(clip, ref, rtol=0, atol=1e-4)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU: refused before any process starts
+    with pytest.raises(RuntimeError, match="needs 2 GPUs"):
+        quality.launched(folder, "cuda", "bfloat16", dict(parallel=dict(ulysses=2)), *args)

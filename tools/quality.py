@@ -8,8 +8,9 @@ the step cache's skipped evaluations.
 
 Modes: fp8 linears (emulated on the CPU), TeaCache (coefficients borrowed from wan2.1-t2v-1.3b: none are
 fitted for this model) and FBCache at several thresholds, svg sparse attention; on CUDA also the fa3, fa3-fp8
-and sage attention kernels and fp8 linears + fa3-fp8 (the fast mode). A mode that cannot run here is reported
-with its error, not dropped. Ulysses / Ring are not measured here yet: they need a launcher (torchrun).
+and sage attention kernels and fp8 linears + fa3-fp8 (the fast mode); Ulysses and Ring over two processes
+(gloo on the CPU, NCCL where two GPUs are visible; rank 0's clips are scored). A mode that cannot run here is
+reported with its error, not dropped.
 
     python tools/quality.py                  # every mode that runs on this machine
     python tools/quality.py --smoke          # seconds: one prompt, three steps, a few modes (CI)
@@ -20,6 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import socket
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -61,6 +65,8 @@ def modes(device: str, smoke: bool) -> dict[str, dict]:
         m[f"fbcache {t}"] = dict(cache=dict(kind="fbcache", threshold=t))
     if not smoke:
         m["svg"] = dict(attention=dict(name="svg", dense="sdpa"))
+        m["ulysses 2"] = dict(parallel=dict(ulysses=2))
+        m["ring 2"] = dict(parallel=dict(ring=2))
     if device.startswith("cuda"):
         for a in ("fa3", "fa3-fp8", "sage"):
             m[f"{a} attention"] = dict(attention=a)
@@ -98,6 +104,40 @@ def generate(pipe, prompts, seed: int, steps: int, guidance: float) -> tuple[lis
     return clips, (time.perf_counter() - t0) / len(prompts), stats
 
 
+def _rank(rank: int, world: int, port: int, job: dict, out: str) -> None:
+    """One process of a two-process mode: load with job["options"], generate, rank 0 saves the clips."""
+    import dit_rt
+
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    device = f"cuda:{rank}" if job["device"].startswith("cuda") else "cpu"
+    pipe = dit_rt.load(job["folder"], device=device, dtype=job["dtype"], **job["options"])
+    result = generate(pipe, job["prompts"], job["seed"], job["steps"], job["guidance"])
+    if rank == 0:
+        torch.save(result, out)
+    torch.distributed.destroy_process_group()
+
+
+def launched(folder, device, dtype, options, prompts, seed, steps, guidance):
+    """`generate` of a parallel mode, over two processes started here (fork)."""
+    import torch.multiprocessing as mp
+
+    if device.startswith("cuda") and torch.cuda.device_count() < 2:
+        raise RuntimeError("needs 2 GPUs here; `--device cpu` measures it over gloo")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    job = dict(folder=folder, device=device, dtype=dtype, options=options, prompts=prompts, seed=seed)
+    job.update(steps=steps, guidance=guidance)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "clips.pt")
+        mp.start_processes(_rank, args=(2, port, job, out), nprocs=2, start_method="fork")
+        return torch.load(out)
+
+
 def run(
     folder: str, device: str, dtype: str, prompts, seed: int, steps: int, guidance: float, smoke: bool, log
 ):
@@ -109,8 +149,12 @@ def run(
     for name, options in modes(device, smoke).items():
         row = Row(name)
         try:
-            pipe = dit_rt.load(folder, device=device, dtype=dtype, **options)
-            clips, row.seconds, stats = generate(pipe, prompts, seed, steps, guidance)
+            if "parallel" in options:
+                args = (folder, device, dtype, options, prompts, seed, steps, guidance)
+                clips, row.seconds, stats = launched(*args)
+            else:
+                pipe = dit_rt.load(folder, device=device, dtype=dtype, **options)
+                clips, row.seconds, stats = generate(pipe, prompts, seed, steps, guidance)
         except Exception as e:  # a mode this machine cannot run is a row of the report, not the end of it
             row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             rows.append(row)
