@@ -206,7 +206,8 @@ def test_cli_demo(tmp_path):
     out = _cli("demo", "-o", str(tmp_path / "demo.gif"), env=env)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "demo.gif").read_bytes()[:6] == b"GIF89a"
-    assert (tmp_path / "cache" / "demo" / "tiny-wan-t2v" / "model_index.json").is_file()
-    again = _cli("demo", "-o", str(tmp_path / "demo.mp4"), env=env)  # reuses the cached checkpoint
+    assert "check: pass" in out.stdout  # the shipped tiny model draws what the default prompt asks
+    assert not (tmp_path / "cache").exists()  # the checkpoint ships with the package: nothing is written
+    again = _cli("demo", "-o", str(tmp_path / "demo.mp4"), env=env)
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "demo.mp4").read_bytes()[4:8] == b"ftyp"

@@ -430,10 +430,13 @@ def _readme_command(prefix: str) -> list[str]:
     return shlex.split(lines[0].split("#")[0])
 
 
-def test_readme_demo_folder_command_runs(tiny, tmp_path, capsys):
-    argv = _readme_command("dit-rt generate --model ~/.cache/dit_rt/demo/tiny-wan-t2v")
+def test_readme_demo_folder_command_runs(tmp_path, capsys):
+    from dit_rt.demo import TINY_MODEL
+
+    argv = _readme_command('dit-rt generate --model "$TINY"')
     argv = argv[1:]
-    argv[argv.index("--model") + 1] = str(tiny)
+    assert argv[argv.index("--model") + 1] == "$TINY"  # the shipped model's folder, as the README sets it
+    argv[argv.index("--model") + 1] = str(TINY_MODEL)
     argv[argv.index("-o") + 1] = str(tmp_path / "small.gif")
     assert main(argv) == 0
     assert (tmp_path / "small.gif").is_file()
@@ -443,7 +446,7 @@ def test_readme_states_what_users_need():
     text = README.read_text()
     install = text[text.index("## Install") : text.index("## Demo")]
     assert '".[test,video]"' in install and "GPUs only" in install and '| `attention="fa3-fp8"` |' in install
-    for needed in ("~/.cache/dit_rt/demo/tiny-wan-t2v", "one file per frame", "--cache-model", "seed: 1234"):
+    for needed in ("dit_rt.demo.TINY_MODEL", "one file per frame", "--cache-model", "seed: 1234", "--prompt"):
         assert needed in text, needed
 
 
@@ -451,4 +454,6 @@ def test_demo_prints_the_checkpoint_path(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DIT_RT_CACHE", str(tmp_path / "cache"))
     assert main(["demo", "--steps", "1", "-o", str(tmp_path / "d.gif")]) == 0
     out = capsys.readouterr().out
-    assert f"checkpoint: {tmp_path / 'cache' / 'demo' / 'tiny-wan-t2v'}" in out and "seed: 0" in out
+    from dit_rt.demo import TINY_MODEL
+
+    assert f"checkpoint: {TINY_MODEL}" in out and "seed: 0" in out

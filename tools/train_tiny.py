@@ -15,7 +15,7 @@ prompt of `dit_rt.clipcheck`'s grammar says. Two stages:
 Runs on CUDA when available, else on the CPU; reproducible from --seed. `--smoke` trains a few steps of
 each stage in seconds (CI). The checkpoint is written in fp16 to --out (default dit_rt/tiny).
 
-    python tools/train_tiny.py                      # the shipped model
+    python tools/train_tiny.py                      # the shipped model: ~75 min on one CPU core
     python tools/train_tiny.py --smoke --out /tmp/t # seconds
 """
 
@@ -337,10 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "dit_rt" / "tiny"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--vae-steps", type=int, default=5000)
+    p.add_argument("--vae-steps", type=int, default=15515)
     p.add_argument("--vae-batch", type=int, default=4)
     p.add_argument("--vae-frames", type=int, default=9)
-    p.add_argument("--dit-steps", type=int, default=3000)
+    p.add_argument("--dit-steps", type=int, default=6836)
     p.add_argument("--dit-batch", type=int, default=32)
     p.add_argument("--vae-state", help="a file keeping the stage-1 VAE: loaded if it exists, else written")
     p.add_argument("--pool", type=int, default=2048, help="encoded clips the transformer trains on")
