@@ -192,14 +192,14 @@ def table(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dit_rt.demo import tiny_model_folder
+    from dit_rt.demo import DEMO_GUIDANCE, DEMO_STEPS, tiny_model_folder
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="a Hub-layout folder (default: the shipped tiny model)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on the CPU")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--steps", type=int, default=DEMO_STEPS)
+    p.add_argument("--guidance", type=float, default=DEMO_GUIDANCE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--smoke", action="store_true", help="one prompt, three steps, a few modes")
