@@ -366,3 +366,65 @@ def test_cosmos_video2world_pipeline(tmp_path):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
     kw = dict(height=32, width=48, num_frames=9, seed=0, output_type="latents", max_sequence_length=96)
     _against_dense(tmp_path, prompt="a robot", image=image, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ svg2
+
+SVG2 = dict(OPTS, mode="svg2", q_clusters=4, k_clusters=6, kmeans_iters=3)
+
+
+def test_kmeans_finds_separated_clusters():
+    from dit_rt.ops.attention.svg2 import kmeans
+
+    g = torch.Generator().manual_seed(0)
+    centres = 10 * torch.randn(3, 8, generator=g)
+    truth = torch.arange(60) % 3
+    x = (centres[truth] + 0.1 * torch.randn(60, 8, generator=g))[None]  # [1, 60, 8]
+    labels, centroids = kmeans(x, 3, 5)
+    # the same partition up to the naming of the clusters
+    pairs = {(int(a), int(b)) for a, b in zip(labels[0], truth)}
+    assert len(pairs) == 3 and len({a for a, _ in pairs}) == 3
+    assert (centroids[0][labels[0]] - x[0]).abs().max() < 1
+
+
+def test_svg2_equals_dense_restricted_to_the_kept_cluster_pairs():
+    from dit_rt.ops.attention.svg2 import semantic_attention
+
+    q, k, v = _qkv(n=60)
+    scale = 16**-0.5
+    out, plan = semantic_attention(q, k, v, scale, 0.3, 4, 6, 3, BLOCK, svg.block_sparse)
+    B, N, H, _ = q.shape
+    expected = torch.empty_like(q)
+    for b in range(B):
+        for h in range(H):
+            g = b * H + h
+            keep = plan["keep"][g]  # [Kq, Kk]
+            assert (keep.sum(-1) >= 1).all()  # every query cluster keeps a key cluster
+            mask = keep[plan["lq"][g][:, None], plan["lk"][g][None, :]]  # [N, N] in the model's order
+            x = [t[b, :, h][None, None] for t in (q, k, v)]
+            expected[b, :, h] = F.scaled_dot_product_attention(*x, attn_mask=mask, scale=scale)[0, 0]
+            sizes = torch.bincount(plan["lk"][g], minlength=keep.shape[1])
+            kept_keys = (keep.float() @ sizes.float()).max()
+            single = sizes[keep.long().argmax(-1)].max()  # a lone first cluster may exceed the budget
+            assert kept_keys <= max(0.3 * N, single)
+    assert (out - expected).abs().max() <= 1e-5
+    dense = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    assert (out - dense).abs().max() > 1e-2  # key clusters were left out
+    full, _ = semantic_attention(q, k, v, scale, 1.0, 4, 6, 3, BLOCK, svg.block_sparse)
+    assert (full - F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), scale=scale)
+            .transpose(1, 2)).abs().max() <= 1e-5  # fmt: skip
+
+
+def test_svg2_options_and_pipeline(wan_t2v):
+    with pytest.raises(ValueError, match="mode must be 'svg' or 'svg2'"):
+        svg.SvgConfig.parse(dict(mode="svg3"))
+    with pytest.raises(ValueError, match="k_clusters must be a positive int"):
+        svg.SvgConfig.parse(dict(mode="svg2", k_clusters=0))
+    dense = dit_rt.load(str(wan_t2v), device="cpu", dtype=torch.float32, attention="sdpa")
+    sparse = dit_rt.load(
+        str(wan_t2v), device="cpu", dtype=torch.float32, attention=dict(SVG2, dense_steps=0.0)
+    )
+    kw = dict(prompt="a cat", height=48, width=64, num_frames=9, seed=0, output_type="latents")
+    kw |= dict(num_inference_steps=2, progress_bar=False)
+    a, b = dense.generate(**kw).latents, sparse.generate(**kw).latents
+    assert torch.isfinite(b).all() and (a - b).abs().max() > 1e-6

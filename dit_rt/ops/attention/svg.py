@@ -58,6 +58,8 @@ class SvgConfig:
     dense_steps: the first floor(dense_steps x steps) denoising steps run dense. dense_layers: the first
     floor(dense_layers x layers) video attention layers run dense. samples: query rows profiled per call.
     block: the block size of the band, in tokens. dense: the kernel for everything dense ("auto" or a name).
+    mode: "svg" (spatial / temporal bands) or "svg2" (semantic clusters, `dit_rt.ops.attention.svg2`: budget
+    is then the share of keys each query cluster keeps; q_clusters / k_clusters / kmeans_iters its k-means).
     """
 
     budget: float = 0.25
@@ -66,6 +68,10 @@ class SvgConfig:
     samples: int = 64
     block: int = 128
     dense: str = "auto"
+    mode: str = "svg"
+    q_clusters: int = 64
+    k_clusters: int = 256
+    kmeans_iters: int = 5
 
     @classmethod
     def parse(cls, options: dict) -> SvgConfig:
@@ -80,10 +86,12 @@ class SvgConfig:
                 raise ValueError(f"attention 'svg': {name} must be a number in [0, 1], got {value!r}")
         if config.budget == 0:
             raise ValueError("attention 'svg': budget must be > 0 (the share of attention blocks computed)")
-        for name in ("samples", "block"):
+        for name in ("samples", "block", "q_clusters", "k_clusters", "kmeans_iters"):
             value = getattr(config, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"attention 'svg': {name} must be a positive int, got {value!r}")
+        if config.mode not in ("svg", "svg2"):
+            raise ValueError(f"attention 'svg': mode must be 'svg' or 'svg2', got {config.mode!r}")
         if not isinstance(config.dense, str):
             raise ValueError(f"attention 'svg': dense must be a backend name, got {config.dense!r}")
         return config
@@ -221,14 +229,19 @@ def _flex(device_type: str):
     return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
 
 
-def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SvgPlan, scale: float):
-    """Block-sparse attention under the plan's band: q/k/v [B, H, N, D] -> [B, H, N, D]; one kernel call."""
+def block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, scale: float) -> torch.Tensor:
+    """FlexAttention under a BlockMask: q/k/v [B, H, N, D] -> [B, H, N, D]; one kernel call."""
     flex = _flex(q.device.type)
     if q.device.type == "cuda":
-        return flex(q, k, v, block_mask=plan.block_mask, scale=scale)
+        return flex(q, k, v, block_mask=block_mask, scale=scale)
     with warnings.catch_warnings():  # "called without torch.compile": expected here, see the module docstring
         warnings.simplefilter("ignore", UserWarning)
-        return flex(q, k, v, block_mask=plan.block_mask, scale=scale)
+        return flex(q, k, v, block_mask=block_mask, scale=scale)
+
+
+def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SvgPlan, scale: float):
+    """Block-sparse attention under the plan's band: q/k/v [B, H, N, D] -> [B, H, N, D]; one kernel call."""
+    return block_sparse(q, k, v, plan.block_mask, scale)
 
 
 def sparse_attention(
@@ -314,8 +327,14 @@ class SvgAttention:
             return self.dense(q, k, v, scale)
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         c = self.config
-        plan = make_plan(grid, c.block, c.budget, c.samples, q.device)
-        out, self.temporal = sparse_attention(q[:, :n], k, v, plan, scale)
+        if c.mode == "svg2":
+            from dit_rt.ops.attention.svg2 import semantic_attention
+
+            args = (c.budget, c.q_clusters, c.k_clusters, c.kmeans_iters, c.block, block_sparse)
+            out, _ = semantic_attention(q[:, :n], k, v, scale, *args)
+        else:
+            plan = make_plan(grid, c.block, c.budget, c.samples, q.device)
+            out, self.temporal = sparse_attention(q[:, :n], k, v, plan, scale)
         if q.shape[1] > n:  # Ulysses' padding queries
             out = torch.cat([out, self.dense(q[:, n:], k, v, scale)], dim=1)
         return out
