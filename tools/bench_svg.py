@@ -133,6 +133,10 @@ def bench_attention(q, k, v, grid, config: svg.SvgConfig, dense, warmup: int, it
     with torch.no_grad():
         dense_ms, ref = timed(lambda: dense(q, k, v, scale), warmup, iters)
         svg_ms, out = timed(lambda: op(q, k, v, scale), warmup, iters)
+    if config.mode == "svg2":  # clustering, selection, permutations and the kernel: timed as one op
+        row = dict(dense=dense.name, dense_ms=dense_ms, svg_ms=svg_ms, ratio=svg_ms / dense_ms)
+        return row | dict(mode="svg2", rel_err=rel(out, ref))
+    with torch.no_grad():
         temporal = op.temporal
         profile_ms, _ = timed(lambda: svg.profile(q, k, v, plan, scale), warmup, iters)
         placed = [svg.place(x, temporal, plan) for x in (q, k, v)]
@@ -201,11 +205,13 @@ def main():
     p.add_argument("--dense-layers", type=float, default=0.025, help="fraction of first layers kept dense")
     p.add_argument("--samples", type=int, default=64, help="query rows profiled per call")
     p.add_argument("--dense", default="auto", help="dense kernel (auto: fa3 where installed)")
+    p.add_argument("--mode", default="svg", choices=("svg", "svg2"), help="bands, or semantic clusters")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--out", help="write the rows as JSON here")
     a = p.parse_args()
     options = dict(budget=a.budget, dense_layers=a.dense_layers, samples=a.samples, dense=a.dense)
+    options["mode"] = a.mode
     rows = [bench_model(name, options, a.warmup, a.iters) for name in a.models.split(",")]
     if a.out:
         with open(a.out, "w") as f:
