@@ -437,7 +437,10 @@ class Cosmos2_5_PredictBasePipeline(CosmosPipeline):
         mask = indicator.expand(-1, -1, -1, *latents.shape[3:]).to(self.dtype)
         velocity = (latents - cond) * mask
         t_cond = x["conditional_frame_timestep"]
-        shared = Shared(cond, indicator, mask, velocity, cond_timestep=t_cond if t_cond >= 0 else None)
+        # Text2World (no conditioning frame): every frame at the step's sigma, so one [B] timestep, not T equal
+        # ones (the DiT then modulates per item, the same numbers without the per-frame rows)
+        t_cond = t_cond if t_cond >= 0 and k > 0 else None
+        shared = Shared(cond, indicator, mask, velocity, cond_timestep=t_cond)
         return latents, shared
 
     def predict(self, model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -445,7 +448,7 @@ class Cosmos2_5_PredictBasePipeline(CosmosPipeline):
         s: Shared = cond.shared
         B = x.shape[0]
         sigma = self.scheduler.sigma_at(t).to(self.device).expand(B)
-        if s.cond_timestep is None:  # conditional_frame_timestep < 0: every frame at the step's sigma
+        if s.cond_timestep is None:  # no conditioning frame, or conditional_frame_timestep < 0
             timestep = sigma  # [B]
         else:  # [B, 1, T, 1, 1] float32
             timestep = s.indicator * s.cond_timestep + (1 - s.indicator) * sigma.view(B, 1, 1, 1, 1)
