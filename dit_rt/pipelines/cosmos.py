@@ -437,8 +437,8 @@ class Cosmos2_5_PredictBasePipeline(CosmosPipeline):
         mask = indicator.expand(-1, -1, -1, *latents.shape[3:]).to(self.dtype)
         velocity = (latents - cond) * mask
         t_cond = x["conditional_frame_timestep"]
-        # Text2World (no conditioning frame): every frame at the step's sigma, so one [B] timestep, not T equal
-        # ones (the DiT then modulates per item, the same numbers without the per-frame rows)
+        # Text2World (no conditioning frame): every frame at the step's sigma, so one [B] timestep, not T
+        # equal ones (the DiT then modulates per item: the same numbers without the per-frame rows)
         t_cond = t_cond if t_cond >= 0 and k > 0 else None
         shared = Shared(cond, indicator, mask, velocity, cond_timestep=t_cond)
         return latents, shared
