@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_e2e import FLUX_SCHEDULER  # noqa: E402
 from bench_flux import FLUX2_TRANSFORMER, FLUX2_VAE, TINY_FLUX2, TINY_FLUX2_VAE  # noqa: E402
 
 RUNS = {
@@ -60,16 +61,8 @@ TINY_MISTRAL = dict(
     MISTRAL, hidden_size=16, intermediate_size=32, num_hidden_layers=31, num_attention_heads=2
 )
 TINY_MISTRAL |= dict(num_key_value_heads=1, head_dim=8, vocab_size=256)
-SCHEDULER = dict(
-    _class_name="FlowMatchEulerDiscreteScheduler",
-    num_train_timesteps=1000,
-    shift=3.0,
-    use_dynamic_shifting=True,
-    base_shift=0.5,
-    max_shift=1.15,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
-)
+# FLUX.2-dev's scheduler_config.json is FLUX.1-dev's (the pipeline computes its own mu)
+SCHEDULER = dict(FLUX_SCHEDULER, _class_name="FlowMatchEulerDiscreteScheduler")
 INDEX = dict(
     _class_name="Flux2Pipeline",
     scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"],
