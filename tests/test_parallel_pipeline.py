@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -232,6 +233,9 @@ def test_parallel_errors_before_heavy_work(setup, monkeypatch):
     assert (out.frames - frames).abs().max().item() == 0.0
 
 
+GLOO_ABORT = "terminate called without an active exception"
+
+
 def test_cli_under_torchrun_writes_one_file(setup, tmp_path):
     _, folders, _ = setup
     out = tmp_path / "clip.gif"
@@ -241,8 +245,17 @@ def test_cli_under_torchrun_writes_one_file(setup, tmp_path):
         "--height", "48", "--width", "80", "--frames", "5", "--steps", "2", "--seed", "1",
         "--ulysses", "2", "--device", "cpu", "-o", str(out),
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # PYTHONFAULTHANDLER: a rank killed by a signal prints every thread's Python stack.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    if run.returncode and GLOO_ABORT in run.stderr:
+        # Once in CI (2026-12-05, 2 cores) a rank aborted inside gloo with this message at the first step,
+        # never in dozens of runs here; pytorch/pytorch#65231 is the same abort in torch's own gloo tests.
+        # One retry; the first run's stderr goes to the captured output, shown if the retry fails too.
+        print(run.stderr[-3000:])
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        tmp_path.mkdir()
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert out.read_bytes()[:6] == b"GIF89a"
     assert run.stdout.count("wrote ") == 1, run.stdout  # rank 0 writes and prints, rank 1 stays silent
