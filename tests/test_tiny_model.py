@@ -264,3 +264,10 @@ def test_demo_refuses_unknown_words_before_loading(tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit, match="grammar"):
         main(["demo", "--prompt", "a red circle on a blue background", "-o", str(tmp_path / "d.gif")])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quality_only_keeps_exact_and_the_named_modes():
+    cuda = quality.modes("cuda", smoke=False, only="fa3,fast")
+    assert list(cuda) == ["exact", "fa3 attention", "fa3-fp8 attention", "fast (fp8 linears + fa3-fp8)"]
+    assert list(quality.modes("cpu", smoke=False, only="teacache 0.2")) == ["exact", "teacache 0.2"]
+    assert len(quality.modes("cpu", smoke=False)) > 10  # no filter: every mode

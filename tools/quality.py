@@ -52,8 +52,9 @@ class Row:
     error: str = ""
 
 
-def modes(device: str, smoke: bool) -> dict[str, dict]:
-    """Mode name -> dit_rt.load options (beyond device and dtype)."""
+def modes(device: str, smoke: bool, only: str = "") -> dict[str, dict]:
+    """Mode name -> dit_rt.load options (beyond device and dtype); `only`: comma-separated parts of names, the
+    modes kept besides exact (the reference)."""
     m: dict[str, dict] = {"exact": {}}
     m["fp8-per-tensor linears"] = dict(linear="fp8-per-tensor")
     if not smoke:
@@ -71,7 +72,8 @@ def modes(device: str, smoke: bool) -> dict[str, dict]:
         for a in ("fa3", "fa3-fp8", "sage"):
             m[f"{a} attention"] = dict(attention=a)
         m["fast (fp8 linears + fa3-fp8)"] = dict(linear="fp8-per-tensor", attention="fa3-fp8")
-    return m
+    keep = [k.strip() for k in only.split(",") if k.strip()]
+    return {k: v for k, v in m.items() if k == "exact" or not keep or any(part in k for part in keep)}
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -139,14 +141,23 @@ def launched(folder, device, dtype, options, prompts, seed, steps, guidance):
 
 
 def run(
-    folder: str, device: str, dtype: str, prompts, seed: int, steps: int, guidance: float, smoke: bool, log
+    folder: str,
+    device: str,
+    dtype: str,
+    prompts,
+    seed: int,
+    steps: int,
+    guidance: float,
+    smoke: bool,
+    log,
+    only: str = "",
 ):
     """One Row per mode; the first is the exact reference."""
     import dit_rt
     from dit_rt.clipcheck import check_clip
 
     rows, exact = [], None
-    for name, options in modes(device, smoke).items():
+    for name, options in modes(device, smoke, only).items():
         row = Row(name)
         try:
             if "parallel" in options:
@@ -203,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--smoke", action="store_true", help="one prompt, three steps, a few modes")
+    p.add_argument(
+        "--only", default="", help="comma-separated parts of mode names to run (exact always runs)"
+    )
     a = p.parse_args(argv)
     folder = a.model or str(tiny_model_folder())
     dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
@@ -212,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    rows = run(folder, a.device, dtype, prompts, a.seed, steps, a.guidance, a.smoke, log)
+    rows = run(folder, a.device, dtype, prompts, a.seed, steps, a.guidance, a.smoke, log, a.only)
     print(
         f"\n{len(prompts)} prompts, {steps} steps, guidance {a.guidance}, seed {a.seed}, {a.device} {dtype}"
     )
