@@ -385,6 +385,12 @@ def test_kmeans_finds_separated_clusters():
     pairs = {(int(a), int(b)) for a, b in zip(labels[0], truth)}
     assert len(pairs) == 3 and len({a for a, _ in pairs}) == 3
     assert (centroids[0][labels[0]] - x[0]).abs().max() < 1
+    # fitted on 12 of the 60 rows, then every row labelled: the same partition
+    sampled, fitted = kmeans(x, 3, 5, sample=12)
+    assert sampled.shape == (1, 60) and (centroids[0][labels[0]] - fitted[0][sampled[0]]).abs().max() < 0.2
+    assert len({(int(a), int(b)) for a, b in zip(sampled[0], truth)}) == 3
+    # a bf16 input is labelled through a bf16 GEMM, as on the GPU
+    assert torch.equal(kmeans(x.bfloat16(), 3, 5, sample=12)[0], sampled)
 
 
 def test_svg2_equals_dense_restricted_to_the_kept_cluster_pairs():
@@ -410,6 +416,14 @@ def test_svg2_equals_dense_restricted_to_the_kept_cluster_pairs():
     assert (out - expected).abs().max() <= 1e-5
     dense = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
     assert (out - dense).abs().max() > 1e-2  # key clusters were left out
+    # fitted on a sample of the tokens: still exactly dense attention restricted to the kept pairs
+    part, plan = semantic_attention(q, k, v, scale, 0.3, 4, 6, 3, BLOCK, svg.block_sparse, sample=20)
+    g = 0
+    mask = plan["keep"][g][plan["lq"][g][:, None], plan["lk"][g][None, :]]
+    x = [t[0, :, 0][None, None] for t in (q, k, v)]
+    assert (
+        part[0, :, 0] - F.scaled_dot_product_attention(*x, attn_mask=mask, scale=scale)[0, 0]
+    ).abs().max() <= 1e-5
     full, _ = semantic_attention(q, k, v, scale, 1.0, 4, 6, 3, BLOCK, svg.block_sparse)
     assert (full - F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), scale=scale)
             .transpose(1, 2)).abs().max() <= 1e-5  # fmt: skip
@@ -420,6 +434,9 @@ def test_svg2_options_and_pipeline(wan_t2v):
         svg.SvgConfig.parse(dict(mode="svg3"))
     with pytest.raises(ValueError, match="k_clusters must be a positive int"):
         svg.SvgConfig.parse(dict(mode="svg2", k_clusters=0))
+    with pytest.raises(ValueError, match="kmeans_sample must be an int >= 0"):
+        svg.SvgConfig.parse(dict(mode="svg2", kmeans_sample=-1))
+    assert svg.SvgConfig.parse(dict(mode="svg2", kmeans_sample=0)).kmeans_sample == 0
     dense = dit_rt.load(str(wan_t2v), device="cpu", dtype=torch.float32, attention="sdpa")
     sparse = dit_rt.load(
         str(wan_t2v), device="cpu", dtype=torch.float32, attention=dict(SVG2, dense_steps=0.0)

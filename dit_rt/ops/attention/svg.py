@@ -59,7 +59,8 @@ class SvgConfig:
     floor(dense_layers x layers) video attention layers run dense. samples: query rows profiled per call.
     block: the block size of the band, in tokens. dense: the kernel for everything dense ("auto" or a name).
     mode: "svg" (spatial / temporal bands) or "svg2" (semantic clusters, `dit_rt.ops.attention.svg2`: budget
-    is then the share of keys each query cluster keeps; q_clusters / k_clusters / kmeans_iters its k-means).
+    is then the share of keys each query cluster keeps; q_clusters / k_clusters / kmeans_iters its k-means,
+    fitted on kmeans_sample evenly spaced tokens per head, 0 for all).
     """
 
     budget: float = 0.25
@@ -72,6 +73,7 @@ class SvgConfig:
     q_clusters: int = 64
     k_clusters: int = 256
     kmeans_iters: int = 5
+    kmeans_sample: int = 8192
 
     @classmethod
     def parse(cls, options: dict) -> SvgConfig:
@@ -90,6 +92,11 @@ class SvgConfig:
             value = getattr(config, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"attention 'svg': {name} must be a positive int, got {value!r}")
+        n = config.kmeans_sample
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(
+                f"attention 'svg': kmeans_sample must be an int >= 0 (0: every token), got {n!r}"
+            )
         if config.mode not in ("svg", "svg2"):
             raise ValueError(f"attention 'svg': mode must be 'svg' or 'svg2', got {config.mode!r}")
         if not isinstance(config.dense, str):
@@ -330,7 +337,15 @@ class SvgAttention:
         if c.mode == "svg2":
             from dit_rt.ops.attention.svg2 import semantic_attention
 
-            args = (c.budget, c.q_clusters, c.k_clusters, c.kmeans_iters, c.block, block_sparse)
+            args = (
+                c.budget,
+                c.q_clusters,
+                c.k_clusters,
+                c.kmeans_iters,
+                c.block,
+                block_sparse,
+                c.kmeans_sample,
+            )
             out, _ = semantic_attention(q[:, :n], k, v, scale, *args)
         else:
             plan = make_plan(grid, c.block, c.budget, c.samples, q.device)

@@ -1,7 +1,8 @@
 """`svg` mode "svg2": Sparse VideoGen 2's semantic-aware permutation (Yang et al., 2025), per call.
 
 Per (batch, head), the queries and the keys are clustered apart by k-means on their vectors (`q_clusters`,
-`k_clusters`, `kmeans_iters` Lloyd steps from evenly spaced seeds). The score of a query cluster against a key
+`k_clusters`, `kmeans_iters` Lloyd steps from evenly spaced seeds, fitted on `kmeans_sample` evenly spaced
+tokens, then every token labelled by its nearest centroid). The score of a query cluster against a key
 cluster is estimated from the centroids, softmax(q_c . k_c * scale + log |key cluster|): the share of a
 centroid query's attention mass each key cluster holds. Each query cluster keeps the key clusters of largest
 estimated mass, in that order, while their tokens fit `budget` x the keys (at least one). Tokens are then
@@ -21,27 +22,32 @@ from __future__ import annotations
 import torch
 
 
-def kmeans(x: torch.Tensor, clusters: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans(x: torch.Tensor, clusters: int, iters: int, sample: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means over the rows of x [G, N, D] per group G, seeded by evenly spaced rows, fp32:
-    -> (labels int64 [G, N], centroids [G, k, D]); a cluster left empty keeps its previous centroid."""
+    -> (labels int64 [G, N], centroids [G, k, D]); a cluster left empty keeps its previous centroid.
+    sample > 0 (and < N): the centroids are fitted on that many evenly spaced rows and then every row is
+    labelled once, so the Lloyd steps cost sample / N of theirs on all rows."""
     G, N, D = x.shape
-    k = min(clusters, N)
-    x = x.float()
-    seeds = (torch.arange(k, device=x.device) * N) // k
-    centroids = x[:, seeds].clone()  # [G, k, D]
-    labels = assign(x, centroids)
+    fit = x if not 0 < sample < N else x[:, (torch.arange(sample, device=x.device) * N) // sample]
+    fit = fit.float()
+    n = fit.shape[1]
+    k = min(clusters, n)
+    centroids = fit[:, (torch.arange(k, device=x.device) * n) // k].clone()  # [G, k, D]
+    labels = assign(fit, centroids)
     for _ in range(iters):
-        sums = torch.zeros_like(centroids).scatter_add_(1, labels[..., None].expand(-1, -1, D), x)
-        ones = torch.ones_like(labels, dtype=x.dtype)
+        sums = torch.zeros_like(centroids).scatter_add_(1, labels[..., None].expand(-1, -1, D), fit)
+        ones = torch.ones_like(labels, dtype=fit.dtype)
         counts = torch.zeros(G, k, device=x.device).scatter_add_(1, labels, ones)
         centroids = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], centroids)
-        labels = assign(x, centroids)
-    return labels, centroids
+        labels = assign(fit, centroids)
+    return (labels if fit is x or n == N else assign(x, centroids)), centroids
 
 
 def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """The nearest centroid of every row: x [G, N, D], centroids [G, k, D] -> [G, N]."""
-    return (2 * x @ centroids.transpose(1, 2) - centroids.square().sum(-1)[:, None]).argmax(-1)
+    """The nearest centroid of every row: x [G, N, D], centroids [G, k, D] fp32 -> [G, N]. The products run
+    in x's dtype (a bf16 GEMM over all tokens), the centroid norms in fp32."""
+    dots = (x @ centroids.to(x.dtype).transpose(1, 2)).float()
+    return (2 * dots - centroids.square().sum(-1)[:, None]).argmax(-1)
 
 
 def select(
@@ -104,13 +110,15 @@ def semantic_attention(
     iters: int,
     block: int,
     attend,
+    sample: int = 0,
 ) -> tuple[torch.Tensor, dict]:
     """q/k/v [B, N, H, D] -> (out [B, N, H, D], plan): cluster, select, permute, `attend(q, k, v,
-    block_mask, scale)` on [B, H, N, D], permute back. plan: labels, kept pairs and permutations (tests)."""
+    block_mask, scale)` on [B, H, N, D], permute back; `sample`: the k-means fit on that many tokens
+    (`kmeans`). plan: labels, kept pairs and permutations (tests)."""
     B, N, H, D = q.shape
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, N, D]
-    lq, cq = kmeans(qh.reshape(B * H, N, D), q_clusters, iters)
-    lk, ck = kmeans(kh.reshape(B * H, N, D), k_clusters, iters)
+    lq, cq = kmeans(qh.reshape(B * H, N, D), q_clusters, iters, sample)
+    lk, ck = kmeans(kh.reshape(B * H, N, D), k_clusters, iters, sample)
     k_sizes = torch.zeros(B * H, ck.shape[1], device=q.device).scatter_add_(
         1, lk, torch.ones_like(lk, dtype=torch.float32)
     )
