@@ -115,6 +115,20 @@ def test_classifier_picks_the_pattern():
     assert chosen.tolist() == [[0, 1, 1, 0]] * 2
     ratio = err.min(-1).values / err.max(-1).values
     assert (ratio < 0.5).all(), err  # clearly decided, not a tie
+    # against the definition in float64: a softmax over each pattern's keys alone
+    q64, k64, v64 = (t.double().transpose(1, 2) for t in (q, k, v))
+    s = q64[:, :, plan.rows] @ k64.transpose(-1, -2)  # [B, H, m, N]
+    exact = s.softmax(-1) @ v64
+    want = [
+        ((s.masked_fill(~m, float("-inf")).softmax(-1) @ v64 - exact) ** 2).mean((-1, -2)) for m in plan.masks
+    ]
+    torch.testing.assert_close(err.double(), torch.stack(want, -1), rtol=1e-4, atol=1e-7)
+    # a pattern that keeps no weight (every kept logit far below the row's best): zero output, finite error
+    far = q.clone()
+    far[:, plan.rows] *= 400
+    p = (far[:, plan.rows].transpose(1, 2) @ k.permute(0, 2, 3, 1)).softmax(-1)
+    assert ((p * plan.masks[0]).sum(-1) == 0).any()  # the case is there
+    assert torch.isfinite(svg.profile(far, k, v, plan, 1.0)).all()
 
 
 # ------------------------------------------------------------------------------------------------ the seam
