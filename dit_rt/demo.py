@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from dit_rt.clipcheck import DEMO_FRAMES, DEMO_GUIDANCE, DEMO_SIZE, DEMO_STEPS  # noqa: F401 (re-exported)
+
 TEXT_DIM = 32
 TRANSFORMER = dict(
     _class_name="WanTransformer3DModel",
@@ -107,7 +109,6 @@ INDEX = dict(
 
 
 TINY_MODEL = Path(__file__).resolve().parent / "tiny"
-from dit_rt.clipcheck import DEMO_FRAMES, DEMO_GUIDANCE, DEMO_SIZE, DEMO_STEPS  # noqa: E402, F401
 
 
 def tiny_model_folder() -> Path:

@@ -21,6 +21,7 @@ Peak = torch's max reserved bytes over load + generate; load and generate second
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -37,26 +38,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import FLUX_SCHEDULER  # noqa: E402
 from bench_flux import FLUX2_TRANSFORMER, FLUX2_VAE, TINY_FLUX2, TINY_FLUX2_VAE  # noqa: E402
 
+from dit_rt.models.text.mistral import MistralTextConfig  # noqa: E402
+
 RUNS = {
     "fp8": dict(linear="fp8-per-tensor"),
     "offload": dict(offload="block"),
     "resident": dict(),
 }
 TARGET_GIB = {"fp8": 72, "offload": 40}
-MISTRAL = dict(  # Mistral-Small 3.x text_config (spec flux-encoders-schedulers.md B.6)
-    model_type="mistral",
-    hidden_size=5120,
-    intermediate_size=32768,
-    num_hidden_layers=40,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    rms_norm_eps=1e-5,
-    rope_theta=1e9,
-    vocab_size=131072,
-    max_position_embeddings=131072,
-    sliding_window=None,
-)
+# Mistral-Small 3.x text_config: the defaults of dit_rt's own config (spec flux-encoders-schedulers.md B.6)
+MISTRAL = {k: v for k, v in dataclasses.asdict(MistralTextConfig()).items() if k != "output_layers"}
+MISTRAL |= dict(model_type="mistral", max_position_embeddings=131072)
 TINY_MISTRAL = dict(
     MISTRAL, hidden_size=16, intermediate_size=32, num_hidden_layers=31, num_attention_heads=2
 )

@@ -40,7 +40,7 @@ def kmeans(x: torch.Tensor, clusters: int, iters: int, sample: int = 0) -> tuple
         counts = torch.zeros(G, k, device=x.device).scatter_add_(1, labels, ones)
         centroids = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], centroids)
         labels = assign(fit, centroids)
-    return (labels if fit is x or n == N else assign(x, centroids)), centroids
+    return (labels if n == N else assign(x, centroids)), centroids
 
 
 def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
