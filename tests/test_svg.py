@@ -8,7 +8,6 @@ the same pipeline with dense attention.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,8 @@ from dit_rt.ops.attention import (
 from dit_rt.runtime import RuntimeOptions
 
 GRID = (3, 5, 4)  # frames, height, width tokens: 60 tokens, 20 per frame
-BLOCK = 8  # 8 blocks, the last one partial
+CHUNK = 8  # 8 query chunks, the last one partial
+BLOCK = 8  # svg2's mask blocks
 
 
 def _positions(grid: tuple[int, int, int], temporal: bool) -> torch.Tensor:
@@ -42,14 +42,16 @@ def _positions(grid: tuple[int, int, int], temporal: bool) -> torch.Tensor:
     return (n % s) * frames + n // s if temporal else n
 
 
-def _masked_dense(q, k, v, grid, temporal, block, width):
-    """Dense attention per (batch, head) restricted to the band |block(i) - block(j)| <= width in the head's
-    layout: q/k/v [B, N, H, D]."""
+def _masked_dense(q, k, v, grid, temporal, chunk, radius):
+    """Dense attention per (batch, head) restricted to the windows in the head's layout: query position p
+    attends to key positions j with a - radius <= j < a + chunk + radius, a = p's chunk start: q/k/v
+    [B, N, H, D]."""
     out = torch.empty_like(q)
     for b in range(q.shape[0]):
         for h in range(q.shape[2]):
             pos = _positions(grid, bool(temporal[b, h]))
-            mask = (pos[:, None] // block - pos[None, :] // block).abs() <= width
+            start = pos[:, None] // chunk * chunk
+            mask = (pos[None, :] >= start - radius) & (pos[None, :] < start + chunk + radius)
             x = [t[b, :, h][None, None] for t in (q, k, v)]  # [1, 1, N, D]
             out[b, :, h] = F.scaled_dot_product_attention(*x, attn_mask=mask)[0, 0]
     return out
@@ -60,22 +62,40 @@ def _qkv(b=2, n=60, h=4, d=16, seed=0):
     return [torch.randn(b, n, h, d, generator=g) for _ in range(3)]
 
 
-def test_block_sparse_equals_masked_dense():
+def _pairs(n: int, chunk: int, radius: int) -> int:
+    """Query-key pairs the windows keep, counted one by one."""
+    return sum(
+        i // chunk * chunk - radius <= j < i // chunk * chunk + chunk + radius
+        for i in range(n)
+        for j in range(n)
+    )
+
+
+def test_windows_equal_masked_dense():
     q, k, v = _qkv()
-    plan = svg.make_plan(GRID, BLOCK, 0.4, 16, torch.device("cpu"))
-    blocks = math.ceil(60 / BLOCK)
-    kept = sum(abs(i - j) <= plan.width for i in range(blocks) for j in range(blocks))
-    assert plan.width >= 1 and kept / blocks**2 <= 0.4 < (kept + 2 * (blocks - plan.width - 1)) / blocks**2
+    sdpa = resolve_attention("sdpa", device="cpu")
+    plan = svg.make_plan(GRID, CHUNK, 0.4, 16, torch.device("cpu"))
+    # the widest radius within the budget
+    assert plan.radius >= 1 and _pairs(60, CHUNK, plan.radius) / 60**2 == pytest.approx(plan.share)
+    assert plan.share <= 0.4 < _pairs(60, CHUNK, plan.radius + 1) / 60**2
+    assert svg.window_radius(60, CHUNK, 0.01) == 0 and svg.window_radius(60, CHUNK, 1.0) == 60
     temporal = torch.tensor([[False, True, True, False], [True, False, True, False]])
-    placed = [svg.place(x, temporal, plan) for x in (q, k, v)]  # [B, H, N, D]
-    out = svg.unplace(svg.band_attention(*placed, plan, 16**-0.5), temporal, plan)
-    expected = _masked_dense(q, k, v, GRID, temporal, BLOCK, plan.width)
+    placed = [svg.place(x, temporal, plan) for x in (q, k, v)]  # [B, N, H, D]
+    out = svg.unplace(svg.window_attention(*placed, plan, 16**-0.5, sdpa), temporal, plan)
+    expected = _masked_dense(q, k, v, GRID, temporal, CHUNK, plan.radius)
     assert (out - expected).abs().max() <= 1e-5
     dense = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
-    assert (out - dense).abs().max() > 1e-2  # the band leaves keys out
-    # The op's own path (classify, then the same kernel) against the same definition.
-    out, chosen = svg.sparse_attention(q, k, v, plan, 16**-0.5)
-    assert (out - _masked_dense(q, k, v, GRID, chosen, BLOCK, plan.width)).abs().max() <= 1e-5
+    assert (out - dense).abs().max() > 1e-2  # the windows leave keys out
+    # The op's own path (classify, then the same windows) against the same definition.
+    out, chosen = svg.sparse_attention(q, k, v, plan, 16**-0.5, sdpa)
+    assert (out - _masked_dense(q, k, v, GRID, chosen, CHUNK, plan.radius)).abs().max() <= 1e-5
+    # the profiling masks are the same windows, on the sampled rows
+    for t, mask in enumerate(plan.masks):
+        pos = _positions(GRID, bool(t))
+        start = pos[plan.rows, None] // CHUNK * CHUNK
+        assert torch.equal(
+            mask, (pos[None] >= start - plan.radius) & (pos[None] < start + CHUNK + plan.radius)
+        )
 
 
 def test_layout_transform_round_trips():
@@ -85,10 +105,10 @@ def test_layout_transform_round_trips():
     frames, s = GRID[0], GRID[1] * GRID[2]
     for p in (0, 1, 7, 59):  # token-major position p holds token p // F of frame p % F
         assert torch.equal(token_major[:, p], x[:, (p % frames) * s + p // frames])
-    plan = svg.make_plan(GRID, BLOCK, 0.4, 16, torch.device("cpu"))
+    plan = svg.make_plan(GRID, CHUNK, 0.4, 16, torch.device("cpu"))
     temporal = torch.tensor([[True, False, True], [False, False, True]])
-    placed = svg.place(x, temporal, plan)  # [B, H, N, D]
-    assert torch.equal(placed[0, 0], token_major[0, :, 0]) and torch.equal(placed[0, 1], x[0, :, 1])
+    placed = svg.place(x, temporal, plan)  # [B, N, H, D]
+    assert torch.equal(placed[0, :, 0], token_major[0, :, 0]) and torch.equal(placed[0, :, 1], x[0, :, 1])
     assert torch.equal(svg.unplace(placed, temporal, plan), x)
 
 
@@ -150,7 +170,7 @@ def _wan_inputs(pipe, grid=(3, 6, 8), seed=0):
     return model, (x, torch.tensor([500.0]), context)
 
 
-OPTS = dict(name="svg", budget=0.4, block=4, samples=16)
+OPTS = dict(name="svg", budget=0.4, chunk=4, samples=16)
 
 
 @torch.no_grad()
@@ -269,7 +289,7 @@ def _ulysses_worker(rank: int, port: int, out_dir: str) -> None:
     g = torch.Generator().manual_seed(1)
     # token grid (3, 3, 5): 45 tokens (Ulysses pads them to 46), 3 heads (padded to 4)
     inputs = (torch.randn(2, 4, 3, 6, 10, generator=g), torch.tensor([3.0, 700.0]), torch.randn(2, 5, 16))
-    set_attention(model, dict(OPTS, block=2, dense_steps=0.0))
+    set_attention(model, dict(OPTS, chunk=2, dense_steps=0.0))
     with torch.no_grad():
         ref = model(*inputs)
         one = [b.attn1.attn.op.temporal.clone() for b in model.blocks]
@@ -384,7 +404,7 @@ def test_cosmos_video2world_pipeline(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ svg2
 
-SVG2 = dict(OPTS, mode="svg2", q_clusters=4, k_clusters=6, kmeans_iters=3)
+SVG2 = dict(OPTS, mode="svg2", block=4, q_clusters=4, k_clusters=6, kmeans_iters=3)
 
 
 def test_kmeans_finds_separated_clusters():

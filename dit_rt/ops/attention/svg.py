@@ -5,20 +5,22 @@ query attends to the same place, and its neighbours, in every frame). Per call, 
 self-attention is classified by online profiling: `samples` evenly spaced query rows are attended exactly and
 under both sparse patterns, and the pattern with the smaller mean squared error against the exact rows wins.
 
-Both patterns are one band mask, |query block - key block| <= w over blocks of `block` tokens, with w the
-widest band whose share of the query x key blocks is within `budget`. A spatial head applies it to the tokens
-in the model's frame-major order ((t, h, w) row-major), where it is a block-diagonal band of frames; a
-temporal head applies it after the token-major transform (position p of frame f moves to p * frames + f),
-where it covers every frame of nearby positions. As the mask is the same for every head, all heads run as one
-FlexAttention call with one block mask of full blocks (compiled on CUDA: no mask is evaluated inside them);
-the transform is a per-head gather on the way in and its inverse on the way out, one pass each way, fused
-with the (B, L, H, D) <-> (B, H, L, D) change FlexAttention needs. On CPU FlexAttention runs unfused (it
-evaluates the mask on every score): correct, and for checks only.
+Both patterns are one window pattern: the video tokens are cut into query chunks of `chunk` tokens, and chunk
+[a, b) attends to the keys [a - r, b + r), with r the widest radius whose share of the query x key pairs is
+within `budget`. A spatial head applies it to the tokens in the model's frame-major order ((t, h, w)
+row-major), where the window covers the chunk's frames and the nearest ones; a temporal head applies it after
+the token-major transform (position p of frame f moves to p * frames + f), where it covers every frame of
+nearby positions. As the windows are the same for every head, each chunk is one call of the dense kernel
+(FA3 on Hopper) over all heads, on its contiguous key slice: the kernel computes only the chunk x window
+blocks, at its full rate (FlexAttention's block-sparse kernel ran this band at ~60% of FA3's rate on an
+H100, BENCHMARKS.md). The transform is a per-head gather on the way in and its inverse on the way out, one
+pass each way.
 
 Dense (the `dense` kernel, "auto": FA3 on Hopper): the first `dense_layers` fraction of the video attention
 layers, the first `dense_steps` fraction of the denoising steps, and every other Attention (cross-attention
 over text or image tokens). Defaults are the SVG repository's Wan settings: budget 0.25, dense_steps 0.075,
-dense_layers 0.025, 64 profiling rows.
+dense_layers 0.025, 64 profiling rows; chunks of 2048 tokens (16 FA3 query tiles: a chunk's window is at
+most 2048 tokens wider than its narrowest row needs, 2.4% of the keys at 84,480 tokens).
 
 The geometry comes from the model, never from the sequence length: the model class declares `video_attention`
 (fnmatch patterns of its Attention modules whose q/k/v are its video tokens alone, in (t, h, w) row-major
@@ -57,16 +59,18 @@ class SvgConfig:
     budget: share of the video query x key blocks each head computes (0 < budget <= 1; 1 is dense).
     dense_steps: the first floor(dense_steps x steps) denoising steps run dense. dense_layers: the first
     floor(dense_layers x layers) video attention layers run dense. samples: query rows profiled per call.
-    block: the block size of the band, in tokens. dense: the kernel for everything dense ("auto" or a name).
-    mode: "svg" (spatial / temporal bands) or "svg2" (semantic clusters, `dit_rt.ops.attention.svg2`: budget
-    is then the share of keys each query cluster keeps; q_clusters / k_clusters / kmeans_iters its k-means,
-    fitted on kmeans_sample evenly spaced tokens per head, 0 for all).
+    chunk: the query rows sharing one key window, in tokens. dense: the kernel for everything dense and for
+    each chunk ("auto" or a name). mode: "svg" (spatial / temporal windows) or "svg2" (semantic clusters,
+    `dit_rt.ops.attention.svg2`: budget is then the share of keys each query cluster keeps; q_clusters /
+    k_clusters / kmeans_iters its k-means, fitted on kmeans_sample evenly spaced tokens per head, 0 for all;
+    block the block size of its FlexAttention mask, in tokens).
     """
 
     budget: float = 0.25
     dense_steps: float = 0.075
     dense_layers: float = 0.025
     samples: int = 64
+    chunk: int = 2048
     block: int = 128
     dense: str = "auto"
     mode: str = "svg"
@@ -88,7 +92,7 @@ class SvgConfig:
                 raise ValueError(f"attention 'svg': {name} must be a number in [0, 1], got {value!r}")
         if config.budget == 0:
             raise ValueError("attention 'svg': budget must be > 0 (the share of attention blocks computed)")
-        for name in ("samples", "block", "q_clusters", "k_clusters", "kmeans_iters"):
+        for name in ("samples", "chunk", "block", "q_clusters", "k_clusters", "kmeans_iters"):
             value = getattr(config, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"attention 'svg': {name} must be a positive int, got {value!r}")
@@ -120,77 +124,74 @@ def to_frame_major(x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
     return x.unflatten(1, (-1, frames)).transpose(1, 2).flatten(1, 2)
 
 
-def band_width(tokens: int, block: int, budget: float) -> int:
-    """The widest band half-width w (in blocks) with (blocks within w of the diagonal) / blocks^2 <= budget;
-    at least 0 (the diagonal blocks alone)."""
-    n = -(-tokens // block)
-    w = 0
-    # n * (2w + 1) - w * (w + 1) blocks have |i - j| <= w; here at w + 1
-    while w + 1 < n and n * (2 * w + 3) - (w + 1) * (w + 2) <= budget * n * n:
-        w += 1
-    return w
+def chunks(tokens: int, chunk: int, radius: int) -> list[tuple[int, int, int, int]]:
+    """(a, b, lo, hi) per query chunk [a, b): its key window [lo, hi) = [a - radius, b + radius) clipped."""
+    return [
+        (a, min(a + chunk, tokens), max(0, a - radius), min(tokens, a + chunk + radius))
+        for a in range(0, tokens, chunk)
+    ]
 
 
-def band_mask(rows: torch.Tensor, cols: torch.Tensor, block: int, width: int) -> torch.Tensor:
-    """[len(rows), len(cols)] bool: positions whose blocks are at most `width` apart."""
-    return ((rows[:, None] // block) - (cols[None, :] // block)).abs() <= width
+def window_share(tokens: int, chunk: int, radius: int) -> float:
+    """The share of the tokens x tokens query-key pairs the windows compute."""
+    return sum((b - a) * (hi - lo) for a, b, lo, hi in chunks(tokens, chunk, radius)) / tokens**2
+
+
+def window_radius(tokens: int, chunk: int, budget: float) -> int:
+    """The widest radius r (tokens) with window_share <= budget; at least 0 (each chunk's own keys alone)."""
+    lo, hi = 0, tokens  # share(0) may exceed the budget: 0 is the floor; share(tokens) = 1
+    if window_share(tokens, chunk, hi) <= budget:
+        return hi
+    while hi - lo > 1:  # invariant: share(hi) > budget, and share(lo) <= budget unless lo == 0
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if window_share(tokens, chunk, mid) <= budget else (lo, mid)
+    return lo
+
+
+def window_mask(rows: torch.Tensor, cols: torch.Tensor, chunk: int, radius: int, tokens: int) -> torch.Tensor:
+    """[len(rows), len(cols)] bool: the keys (positions cols) in the window of each query position in rows."""
+    a = rows // chunk * chunk
+    lo, hi = (a - radius).clamp(min=0), (a + chunk + radius).clamp(max=tokens)
+    return (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
 
 
 @dataclass(frozen=True)
 class SvgPlan:
     """Everything svg needs for one geometry, built once: perm[p] is the frame-major index of token-major
     position p, inv its inverse, ident the identity; rows the profiled query rows; masks [2, rows, N] the
-    spatial and temporal band of those rows over the keys in frame-major order; block_mask the FlexAttention
-    band."""
+    spatial and temporal window of those rows over the keys in frame-major order; windows (a, b, lo, hi) per
+    query chunk."""
 
     grid: tuple[int, int, int]
-    block: int
-    width: int
+    chunk: int
+    radius: int
     perm: torch.Tensor
     inv: torch.Tensor
     ident: torch.Tensor
     rows: torch.Tensor
     masks: torch.Tensor
-    block_mask: object
+    windows: tuple[tuple[int, int, int, int], ...]
 
-
-def band_block_mask(tokens: int, block: int, width: int, device: torch.device):
-    """The FlexAttention BlockMask of the band: full blocks only (listed directly, O(blocks^2) integers), with
-    the same band as mask_mod for FlexAttention's unfused path and the partial tail block."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    n = -(-tokens // block)
-    i = torch.arange(n, device=device)
-    lo = (i - width).clamp(min=0)
-    count = ((i + width).clamp(max=n - 1) - lo + 1).to(torch.int32)  # [n]
-    # [n, n]: row i lists its count[i] blocks first (the rest is never read)
-    idx = (lo[:, None] + torch.arange(n, device=device)).clamp(max=n - 1).to(torch.int32)
-    none = torch.zeros_like(count)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (q_idx // block - kv_idx // block).abs() <= width
-
-    return BlockMask.from_kv_blocks(
-        none[None, None], torch.zeros_like(idx)[None, None], count[None, None], idx[None, None],
-        BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(tokens, tokens),
-    )  # fmt: skip
+    @property
+    def share(self) -> float:
+        """The share of query-key pairs computed."""
+        return window_share(len(self.ident), self.chunk, self.radius)
 
 
 @functools.lru_cache(maxsize=16)
 def make_plan(
-    grid: tuple[int, int, int], block: int, budget: float, samples: int, device: torch.device
+    grid: tuple[int, int, int], chunk: int, budget: float, samples: int, device: torch.device
 ) -> SvgPlan:
     n = math.prod(grid)
     ident = torch.arange(n, device=device)
     perm = to_token_major(ident[None], grid)[0]
     inv = torch.empty_like(perm)
     inv[perm] = ident
-    width = band_width(n, block, budget)
+    radius = window_radius(n, chunk, budget)
     m = min(samples, n)
     rows = (torch.arange(m, device=device) * n) // m + (n // m) // 2  # evenly spaced
-    masks = torch.stack([band_mask(rows, ident, block, width), band_mask(inv[rows], inv, block, width)])
-    block_mask = band_block_mask(n, block, width, device)
-    return SvgPlan(grid, block, width, perm, inv, ident, rows, masks, block_mask)
+    masks = torch.stack([window_mask(x[rows], x, chunk, radius, n) for x in (ident, inv)])
+    return SvgPlan(grid, chunk, radius, perm, inv, ident, rows, masks, tuple(chunks(n, chunk, radius)))
 
 
 # ------------------------------------------------------------------------------------------------ math
@@ -225,16 +226,23 @@ def profile(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SvgPlan, sc
 
 
 def place(x: torch.Tensor, temporal: torch.Tensor, plan: SvgPlan) -> torch.Tensor:
-    """x [B, N, H, D] frame-major -> [B, H, N, D] with the heads where temporal [B, H] is True in token-major
+    """x [B, N, H, D] frame-major -> [B, N, H, D] with the heads where temporal [B, H] is True in token-major
     order: one gather."""
-    idx = torch.where(temporal[..., None], plan.perm, plan.ident)  # [B, H, N]
-    return x.transpose(1, 2).gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))
+    idx = torch.where(temporal[:, None], plan.perm[:, None], plan.ident[:, None])  # [B, N, H]
+    return x.gather(1, idx[..., None].expand(-1, -1, -1, x.shape[-1]))
 
 
 def unplace(o: torch.Tensor, temporal: torch.Tensor, plan: SvgPlan) -> torch.Tensor:
-    """The inverse of `place`: o [B, H, N, D] -> [B, N, H, D] frame-major, contiguous: one gather."""
-    idx = torch.where(temporal[..., None], plan.inv, plan.ident).transpose(1, 2)  # [B, N, H]
-    return o.transpose(1, 2).gather(1, idx[..., None].expand(-1, -1, -1, o.shape[-1]))
+    """The inverse of `place`: o [B, N, H, D] -> [B, N, H, D] frame-major: one gather."""
+    idx = torch.where(temporal[:, None], plan.inv[:, None], plan.ident[:, None])  # [B, N, H]
+    return o.gather(1, idx[..., None].expand(-1, -1, -1, o.shape[-1]))
+
+
+def window_attention(q, k, v, plan: SvgPlan, scale: float, kernel) -> torch.Tensor:
+    """Attention under the plan's windows: q/k/v [B, N, H, D] -> [B, N, H, D]; per query chunk one call of
+    kernel(q, k, v, scale) (a dense backend) on the chunk's queries and its window's keys, every head."""
+    parts = [kernel(q[:, a:b], k[:, lo:hi], v[:, lo:hi], scale) for a, b, lo, hi in plan.windows]
+    return torch.cat(parts, dim=1)
 
 
 @functools.cache
@@ -254,17 +262,13 @@ def block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, 
         return flex(q, k, v, block_mask=block_mask, scale=scale)
 
 
-def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SvgPlan, scale: float):
-    """Block-sparse attention under the plan's band: q/k/v [B, H, N, D] -> [B, H, N, D]; one kernel call."""
-    return block_sparse(q, k, v, plan.block_mask, scale)
-
-
 def sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SvgPlan, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SvgPlan, scale: float, kernel
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Profile, place, attend, unplace: q/k/v [B, N, H, D] -> (out [B, N, H, D], temporal bool [B, H])."""
+    """Profile, place, attend, unplace: q/k/v [B, N, H, D] -> (out [B, N, H, D], temporal bool [B, H]);
+    kernel the dense backend each window runs on."""
     temporal = profile(q, k, v, plan, scale).argmin(dim=-1).bool()  # [B, H]
-    o = band_attention(*(place(x, temporal, plan) for x in (q, k, v)), plan, scale)
+    o = window_attention(*(place(x, temporal, plan) for x in (q, k, v)), plan, scale, kernel)
     return unplace(o, temporal, plan), temporal
 
 
@@ -356,8 +360,8 @@ class SvgAttention:
             )
             out, _ = semantic_attention(q[:, :n], k, v, scale, *args)
         else:
-            plan = make_plan(grid, c.block, c.budget, c.samples, q.device)
-            out, self.temporal = sparse_attention(q[:, :n], k, v, plan, scale)
+            plan = make_plan(grid, c.chunk, c.budget, c.samples, q.device)
+            out, self.temporal = sparse_attention(q[:, :n], k, v, plan, scale, self.dense)
         if q.shape[1] > n:  # Ulysses' padding queries
             out = torch.cat([out, self.dense(q[:, n:], k, v, scale)], dim=1)
         return out
