@@ -56,7 +56,7 @@ _PROFILE_CHUNK = 1 << 26
 class SvgConfig:
     """Options of `attention=dict(name="svg", ...)`.
 
-    budget: share of the video query x key blocks each head computes (0 < budget <= 1; 1 is dense).
+    budget: share of the video query x key pairs each head computes (0 < budget <= 1; 1 is dense).
     dense_steps: the first floor(dense_steps x steps) denoising steps run dense. dense_layers: the first
     floor(dense_layers x layers) video attention layers run dense. samples: query rows profiled per call.
     chunk: the query rows sharing one key window, in tokens. dense: the kernel for everything dense and for
@@ -91,7 +91,7 @@ class SvgConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise ValueError(f"attention 'svg': {name} must be a number in [0, 1], got {value!r}")
         if config.budget == 0:
-            raise ValueError("attention 'svg': budget must be > 0 (the share of attention blocks computed)")
+            raise ValueError("attention 'svg': budget must be > 0 (the share of query-key pairs computed)")
         for name in ("samples", "chunk", "block", "q_clusters", "k_clusters", "kmeans_iters"):
             value = getattr(config, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
