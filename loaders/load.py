@@ -296,6 +296,7 @@ def load_weights(
             t.remaining -= 1
             if t.remaining == 0:
                 _assign(t)
+                t.value = None  # the module owns it now: a conversion below frees the loaded copy at once
                 for module, _ in t.owners:
                     if id(module) in pending:
                         pending[id(module)] -= 1

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import pytest
 import torch
@@ -177,9 +178,13 @@ class QLinear(Linear):
 
     calls: list[tuple[int, int]] = []
     root: nn.Module | None = None
+    loaded: list[weakref.ref] = []  # the loaded float weights, each dropped by its conversion
+    alive: list[int] = []  # how many earlier layers' loaded weights were still alive at each conversion
 
     def convert(self, fmt: str) -> None:
         assert fmt == "int8-rowwise"
+        QLinear.alive.append(sum(r() is not None for r in QLinear.loaded))
+        QLinear.loaded.append(weakref.ref(self.weight.untyped_storage()))
         w = self.weight.detach().float()
         scale = w.abs().amax(dim=1, keepdim=True) / 127
         self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))
@@ -194,7 +199,7 @@ class QLinear(Linear):
 def test_quantize_on_load_equals_load_then_quantize(tmp_path):
     sd = toy_checkpoint(2, layers=3)
     save_file(sd, str(tmp_path / "diffusion_pytorch_model.safetensors"))
-    QLinear.calls = []
+    QLinear.calls, QLinear.loaded, QLinear.alive = [], [], []
     on_load = meta_toy(linear=QLinear, layers=3)
     QLinear.root = on_load
     load_weights(on_load, tmp_path, device="cpu", dtype=torch.float32, linear_format="int8-rowwise")
@@ -213,6 +218,10 @@ def test_quantize_on_load_equals_load_then_quantize(tmp_path):
     assert QLinear.calls[0][0] > QLinear.calls[0][1] // 2
     metas = [m for m, _ in QLinear.calls]
     assert metas == sorted(metas, reverse=True) and metas[-1] < metas[0]
+    # ... and its loaded float weight freed right then, not held until the load ends: quantize-on-load never
+    # holds more than one layer of the unquantized model (FLUX.2-dev's 64 GB would not fit an 80 GB card)
+    assert QLinear.alive == [0] * len(QLinear.alive)
+    assert all(r() is None for r in QLinear.loaded)
 
 
 def test_fused_linear_forward_matches_unfused(tmp_path):

@@ -3,11 +3,14 @@ offload, the right prefetch order and pool usage, quantized buffers moved, compo
 
 from __future__ import annotations
 
+import gc
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from dit_rt.cache import apply_cache, cache_reset
-from dit_rt.offload import BlockOffload, ComponentOffload, apply_offload
+from dit_rt.offload import BlockOffload, ComponentOffload, Packed, apply_offload
 from dit_rt.ops.linear import quantize_
 from tests.test_wan_transformer import from_reference, inputs
 from tests.tiny_checkpoints import make_wan_transformer
@@ -167,3 +170,43 @@ def test_offload_errors(reference):
     apply_offload(model, "block", device="cpu")
     with pytest.raises(RuntimeError, match="already has block offload"):
         apply_offload(model, "block", device="cpu")
+
+
+class FakeCudart:
+    """torch.cuda.cudart() stand-in recording host registrations (page-locking needs a CUDA driver)."""
+
+    cudaError = SimpleNamespace(success=0, memoryAllocation=2)
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.registered, self.unregistered = fail, [], []
+
+    def cudaHostRegister(self, ptr, nbytes, flags):
+        self.registered.append((ptr, nbytes, flags))
+        return 2 if self.fail else 0
+
+    def cudaHostUnregister(self, ptr):
+        self.unregistered.append(ptr)
+        return 0
+
+
+@torch.no_grad()
+def test_pinned_host_buffer_is_exact_and_unregistered_with_its_last_view(reference, monkeypatch):
+    plain, model = pair(reference)
+    cudart = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    packed = Packed(model.blocks[1], pin=True)
+    # exactly the packed size (torch's pinned allocator would round it up to a power of two)
+    assert packed.host.numel() == packed.nbytes and packed.nbytes & (packed.nbytes - 1)
+    assert cudart.registered == [(packed.host.data_ptr(), packed.nbytes, 0)]
+    x, t, ctx = inputs(grid=(2, 4, 4))
+    assert torch.equal(model(x, t, ctx), plain(x, t, ctx))  # the block computes from the registered memory
+    ptr = packed.host.data_ptr()
+    del packed
+    gc.collect()
+    assert cudart.unregistered == []  # the block's parameters still view it
+    del model
+    gc.collect()
+    assert cudart.unregistered == [ptr]
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart(fail=True))
+    with pytest.raises(RuntimeError, match="cudaHostRegister of .* GiB of host memory failed"):
+        Packed(plain.blocks[0], pin=True)

@@ -15,7 +15,8 @@ Runs, each in a fresh process (peaks from a clean allocator), the same prompt an
 - offload: bf16 with `offload="block"` (transformer and text encoder); target peak <= 40 GiB at <= 1.3x
   the resident run's generate time;
 - resident: bf16, everything on the GPU (the time baseline; needs ~100 GiB).
-Peak = torch's max reserved bytes over load + generate; load and generate seconds apart.
+Peak = torch's max reserved bytes over load + generate; host peak = the process's max RSS (pinned blocks
+included); load and generate seconds apart.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import resource
 import struct
 import subprocess
 import sys
@@ -226,6 +228,7 @@ def one_run(folder: str, name: str, device: str, steps: int, size: int) -> dict:
         peak_after_load_gib=None if loaded is None else round(loaded, 2),
         peak_gib=round(torch.cuda.max_memory_reserved(dev) / 2**30, 2) if cuda else None,
         peak_allocated_gib=round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if cuda else None,
+        host_peak_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1),  # KiB on Linux
         image=list(out.frames.shape),
         target_gib=TARGET_GIB.get(name),
     )
@@ -234,18 +237,19 @@ def one_run(folder: str, name: str, device: str, steps: int, size: int) -> dict:
 def table(rows: list[dict]) -> str:
     resident = next((r["generate_s"] for r in rows if r.get("run") == "resident" and "error" not in r), None)
     lines = [
-        "| run | load s | generate s | vs resident | peak GiB (after load / whole) | target |",
-        "|---|---|---|---|---|---|",
+        "| run | load s | generate s | vs resident | peak GiB (after load / whole) | host GiB | target |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['run']} | - | - | - | - | {r['error'][:100]} |")
+            lines.append(f"| {r['run']} | - | - | - | - | - | {r['error'][:100]} |")
             continue
         ratio = f"{r['generate_s'] / resident:.2f}x" if resident else "-"
         target = f"<= {r['target_gib']} GiB" + (" (1.3x time)" if r["run"] == "offload" else "")
         lines.append(
             f"| {r['run']} | {r['load_s']} | {r['generate_s']} | {ratio} | "
-            f"{r['peak_after_load_gib']} / {r['peak_gib']} | {target if r['target_gib'] else '-'} |"
+            f"{r['peak_after_load_gib']} / {r['peak_gib']} | {r['host_peak_gib']} | "
+            f"{target if r['target_gib'] else '-'} |"
         )
     return "\n".join(lines)
 
