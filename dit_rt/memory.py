@@ -23,6 +23,7 @@ import torch
 
 GiB = 2**30
 RESERVE = 4 * GiB  # activations, workspaces and the CUDA context, beyond the weights
+HOST_RESERVE = 8 * GiB  # under offload: the process, one block loaded and not yet page-locked, the page cache
 # bytes per element of a quantized linear weight (scales are negligible)
 FORMAT_BYTES = {
     "fp8-per-tensor": 1.0,
@@ -110,11 +111,13 @@ def check_fits(
     quantized: tuple[str, ...] = ("transformer", "transformer_2"),
     streamed: tuple[str, ...] = ("transformer", "transformer_2"),
     available: int | None = None,
+    host_available: int | None = None,
 ) -> None:
     """Raise MemoryError, before any weight is read, when the weights under `options` (RuntimeOptions)
     cannot fit `available` bytes (default: what the CUDA device has free) less RESERVE, naming the options
-    that would. Nothing to check off CUDA, or under parallel= (FSDP shards and parallel layouts have their own
-    sizes)."""
+    that would; under offload=, also when the host cannot hold the offloaded weights (`host_available`,
+    default: the kernel's MemAvailable) less HOST_RESERVE. Nothing to check off CUDA, or under parallel=
+    (FSDP shards and parallel layouts have their own sizes)."""
     device = options.device
     if available is None:
         if device.type != "cuda" or options.parallel is not None:
@@ -128,6 +131,8 @@ def check_fits(
 
     peak, sizes = need()
     if peak <= budget:
+        if options.offload:
+            _check_host(need(offload=None)[0], options, name, host_available)
         return
     alternatives = []
     for label, changes in (
@@ -151,6 +156,36 @@ def check_fits(
         f"{name} needs ~{peak / GiB:.1f} GiB of weights on {device} with dtype={options.dtype}, "
         f"linear={options.linear!r}, offload={options.offload!r} (GiB: {parts}), plus "
         f"~{RESERVE / GiB:.0f} GiB for activations; the card has {available / GiB:.1f} GiB free{hint}"
+    )
+
+
+def host_available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where there is none to read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _check_host(total: int, options, name: str, available: int | None) -> None:
+    """Offloaded weights live in page-locked host memory, which cannot be swapped: a host too small for them
+    would have the process killed minutes into loading."""
+    available = host_available_bytes() if available is None else available
+    if available is None or total <= available - HOST_RESERVE:
+        return
+    hint = (
+        "linear='fp8-per-tensor' with the offload (about halves it), or a host with more memory"
+        if options.linear_format is None
+        else "a host with more memory, or parallel=dict(fsdp=True) over several GPUs"
+    )
+    raise MemoryError(
+        f"{name} with offload={options.offload!r} keeps ~{total / GiB:.1f} GiB of weights in page-locked "
+        f"host memory, plus ~{HOST_RESERVE / GiB:.0f} GiB while loading; this machine has "
+        f"{available / GiB:.1f} GiB available: use {hint}"
     )
 
 

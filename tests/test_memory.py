@@ -66,6 +66,30 @@ def test_error_names_the_options_that_fit(tmp_path):
     memory.check_fits(folder, comps, opts, name="tiny")  # CPU: nothing to check
 
 
+def test_offload_checks_the_host_too(tmp_path):
+    """Offloaded weights are page-locked on the host: a host too small for them is an error before loading."""
+    folder, comps = _folder(tmp_path)
+    opts = RuntimeOptions.create(device="cpu", dtype=torch.bfloat16, offload="block")
+    total = memory.weights_on_gpu(folder, comps, torch.bfloat16)[0]
+    card = memory.RESERVE + 16 * MiB
+    memory.check_fits(
+        folder, comps, opts, name="tiny", available=card, host_available=memory.HOST_RESERVE + total
+    )
+    with pytest.raises(MemoryError) as e:
+        memory.check_fits(
+            folder, comps, opts, name="tiny", available=card, host_available=memory.HOST_RESERVE + total - 1
+        )
+    assert "offload='block' keeps ~0.0 GiB of weights in page-locked host memory" in str(e.value)
+    assert "use linear='fp8-per-tensor' with the offload" in str(e.value)
+    fp8 = RuntimeOptions.create(device="cpu", dtype=torch.bfloat16, offload="model", linear="fp8-per-tensor")
+    with pytest.raises(MemoryError, match="use a host with more memory, or parallel="):
+        memory.check_fits(folder, comps, fp8, name="tiny", available=card, host_available=1024)
+    # without offload the host is not asked; the real MemAvailable reads as a positive number here
+    plain = RuntimeOptions.create(device="cpu", dtype=torch.bfloat16)
+    memory.check_fits(folder, comps, plain, name="tiny", available=card, host_available=1024)
+    assert memory.host_available_bytes() > 0
+
+
 def test_load_checks_before_reading_weights(monkeypatch):
     """dit_rt.load raises the MemoryError from the pipeline's start(), before any component is built."""
     import dit_rt
