@@ -55,6 +55,12 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
         help="teacache: your own rescaling polynomial, comma-separated, highest power first",
     )
     p.add_argument("--offload", choices=["block", "model"], help="CPU offload mode (default: none)")
+    p.add_argument(
+        "--offload-resident-gib",
+        type=float,
+        metavar="G",
+        help="--offload block: keep the leading transformer blocks that fit G GiB on the GPU (fewer copies)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the block stack from CUDA graphs")
     for degree in ("dp", "cfg", "ulysses", "ring"):
@@ -101,12 +107,16 @@ def _runtime_options(a: argparse.Namespace) -> dict:
         raise ValueError(
             "--cache-threshold, --cache-model and --cache-coefficients need --cache teacache (or fbcache)"
         )
+    if a.offload_resident_gib is not None and a.offload != "block":
+        raise ValueError("--offload-resident-gib needs --offload block")
     opts = dict(
         attention=a.attention,
         linear=a.linear,
         parallel=parallel,
         cache=cache,
-        offload=a.offload,
+        offload=a.offload
+        if a.offload_resident_gib is None
+        else dict(name=a.offload, resident_gib=a.offload_resident_gib),
         compile=a.compile,
         cuda_graphs=a.cuda_graphs,
     )

@@ -40,6 +40,7 @@ class Component:
     name: str
     total: int  # bytes on the GPU when the whole component is there
     resident: int  # bytes with its blocks streamed (offload="block"): non-block part + two largest blocks
+    blocks: int = 0  # bytes of all its blocks
 
 
 def _component(folder: Path, name: str, dtype: torch.dtype, fmt: str | None) -> Component | None:
@@ -68,7 +69,7 @@ def _component(folder: Path, name: str, dtype: torch.dtype, fmt: str | None) -> 
         else:
             rest += size
     largest = sorted(blocks.values(), reverse=True)[:2]
-    return Component(name, rest + sum(blocks.values()), rest + sum(largest))
+    return Component(name, rest + sum(blocks.values()), rest + sum(largest), sum(blocks.values()))
 
 
 def weights_on_gpu(
@@ -80,8 +81,10 @@ def weights_on_gpu(
     quantized: tuple[str, ...] = ("transformer", "transformer_2"),
     offload: str | None = None,
     streamed: tuple[str, ...] = ("transformer", "transformer_2"),
+    resident: int = 0,
 ) -> tuple[int, dict[str, int]]:
-    """(peak weight bytes on the GPU, bytes per component as they sit there) for these options."""
+    """(peak weight bytes on the GPU, bytes per component as they sit there) for these options.
+    resident: offload="block"'s bytes of leading blocks each transformer keeps on the GPU all along."""
     parts = [
         c
         for name in components
@@ -89,7 +92,11 @@ def weights_on_gpu(
     ]
     if offload == "block":
         sizes = {c.name: c.resident if c.name in streamed else c.total for c in parts}
-        return max(sizes.values(), default=0), sizes
+        kept = {c.name: min(resident, c.blocks) for c in parts if c.name.startswith("transformer")}
+        for name, n in kept.items():
+            sizes[name] += n
+        # the kept blocks stay while the other components visit
+        return max((v + sum(kept.values()) - kept.get(k, 0) for k, v in sizes.items()), default=0), sizes
     sizes = {c.name: c.total for c in parts}
     if offload == "model":
         return max(sizes.values(), default=0), sizes
@@ -126,7 +133,8 @@ def check_fits(
     budget = available - RESERVE
 
     def need(**changes) -> tuple[int, dict[str, int]]:
-        kw = dict(linear=options.linear_format, offload=options.offload) | changes
+        kw = dict(linear=options.linear_format, offload=options.offload, resident=options.offload_resident)
+        kw |= changes
         return weights_on_gpu(folder, components, options.dtype, quantized=quantized, streamed=streamed, **kw)
 
     peak, sizes = need()
@@ -139,12 +147,14 @@ def check_fits(
         ("linear='fp8-per-tensor'", dict(linear="fp8-per-tensor")),
         ("linear='fp8-per-tensor', offload='model'", dict(linear="fp8-per-tensor", offload="model")),
         ("offload='model'", dict(offload="model")),
-        ("offload='block'", dict(offload="block")),
+        ("offload='block'", dict(offload="block", resident=0)),
     ):
         if all(options_value(options, k) == v for k, v in changes.items()):
             continue  # what the user already chose
         p, _ = need(**changes)
         if p <= budget:
+            if options.offload_resident and changes.get("resident") == 0:
+                label += " without resident_gib"
             alternatives.append(f"{label} (~{p / GiB:.1f} GiB)")
     parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in sizes.items())
     hint = (
@@ -152,9 +162,10 @@ def check_fits(
         if alternatives
         else "; no single option fits: use a larger card or parallel=dict(fsdp=True) over several GPUs"
     )
+    kept = f" with resident_gib={options.offload_resident / GiB:g}" if options.offload_resident else ""
     raise MemoryError(
         f"{name} needs ~{peak / GiB:.1f} GiB of weights on {device} with dtype={options.dtype}, "
-        f"linear={options.linear!r}, offload={options.offload!r} (GiB: {parts}), plus "
+        f"linear={options.linear!r}, offload={options.offload!r}{kept} (GiB: {parts}), plus "
         f"~{RESERVE / GiB:.0f} GiB for activations; the card has {available / GiB:.1f} GiB free{hint}"
     )
 
@@ -190,4 +201,6 @@ def _check_host(total: int, options, name: str, available: int | None) -> None:
 
 
 def options_value(options, key: str):
+    if key == "resident":
+        return options.offload_resident
     return options.linear_format if key == "linear" else getattr(options, key)

@@ -285,21 +285,32 @@ class BlockOffload:
             s.owner = None
 
 
+def leading_blocks_within(blocks: list[nn.Module], nbytes: int) -> int:
+    """How many leading blocks, in order, take at most `nbytes` of parameters and buffers together."""
+    total = 0
+    for i, b in enumerate(blocks):
+        total += sum(t.numel() * t.element_size() for t in [*b.parameters(), *b.buffers()])
+        if total > nbytes:
+            return i
+    return len(blocks)
+
+
 def apply_offload(
     model: nn.Module,
     mode: str = "block",
     *,
     device: torch.device | str = "cuda",
     resident: int = 0,
+    resident_bytes: int = 0,
     buffers: int = 2,
     pin: bool | None = None,
 ) -> BlockOffload | ComponentOffload:
     """Offload a loaded transformer (its weights may be on the host or already on the device).
 
     "block": the blocks of every stack stream through `buffers` device slots (`resident` first blocks
-    stay), everything else of the model moves to `device`; returns the BlockOffload, installed on each
-    stack's runner. "model": the whole model is packed
-    in host memory; run it inside `offload.use(model)` of the returned ComponentOffload.
+    stay, or as many leading blocks, in run order, as fit `resident_bytes`), everything else of the model
+    moves to `device`; returns the BlockOffload, installed on each stack's runner. "model": the whole model
+    is packed in host memory; run it inside `offload.use(model)` of the returned ComponentOffload.
     """
     if mode not in OFFLOAD_MODES:
         raise ValueError(f"offload={mode!r} is unknown; choose one of: {', '.join(OFFLOAD_MODES)}")
@@ -313,6 +324,8 @@ def apply_offload(
         raise RuntimeError(f"{type(model).__name__} already has block offload")
     if any(r.graphs is not None for r in runners):
         raise ValueError("offload='block' cannot be combined with CUDA graphs (weights move between blocks)")
+    if resident_bytes:
+        resident = max(resident, leading_blocks_within([b for s in stacks for b in s.blocks], resident_bytes))
     hook = BlockOffload([s.blocks for s in stacks], device, resident=resident, buffers=buffers, pin=pin)
     # The rest of the model (embedders, head, modulation tables) is small: it goes to the device for good.
     block_ids = {id(t) for s in stacks for t in [*s.blocks.parameters(), *s.blocks.buffers()]}

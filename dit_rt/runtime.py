@@ -18,6 +18,28 @@ DTYPES = {
 }
 
 
+def parse_offload(offload) -> tuple[str | None, int]:
+    """offload= as (mode, resident bytes): "block" / "model" / None, or dict(name="block", resident_gib=G),
+    which keeps the leading blocks that fit G GiB on the device for good and streams the rest."""
+    from dit_rt.offload import OFFLOAD_MODES
+
+    resident = 0
+    if isinstance(offload, dict):
+        extra = set(offload) - {"name", "resident_gib"}
+        if offload.get("name") != "block" or extra:
+            raise ValueError(
+                f"offload={offload!r}: a dict takes name='block' and resident_gib= (GiB of blocks kept on "
+                "the GPU), e.g. dict(name='block', resident_gib=24)"
+            )
+        gib = offload.get("resident_gib", 0)
+        if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 <= gib < 2**20:
+            raise ValueError(f"offload resident_gib={gib!r} must be a number of GiB >= 0")
+        offload, resident = "block", int(gib * 2**30)
+    if offload not in (None, *OFFLOAD_MODES):
+        raise ValueError(f"offload={offload!r} is unknown; choose one of: {', '.join(OFFLOAD_MODES)}")
+    return offload, resident
+
+
 def _dtype(value, name: str) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         if value is not None and value not in DTYPES.values():
@@ -48,6 +70,7 @@ class RuntimeOptions:
     installed: list = field(default_factory=list)
     fsdp_mesh: object | None = None  # the 1-D world DeviceMesh FSDP shards over, shared by all models
     attention_options: dict = field(default_factory=dict)  # an attention mode's options (`svg`)
+    offload_resident: int = 0  # offload="block": bytes of leading blocks kept on the device (resident_gib=)
 
     @classmethod
     def create(
@@ -129,11 +152,9 @@ class RuntimeOptions:
         if linear != "default" and dtype == torch.float32 and device.type == "cuda":
             raise ValueError(f"linear={linear!r} quantizes bf16/fp16 models; pass dtype=torch.bfloat16")
         from dit_rt.cache import check_cache
-        from dit_rt.offload import OFFLOAD_MODES
 
         check_cache(cache)
-        if offload not in (None, *OFFLOAD_MODES):
-            raise ValueError(f"offload={offload!r} is unknown; choose one of: {', '.join(OFFLOAD_MODES)}")
+        offload, offload_resident = parse_offload(offload)
         if compile not in (True, False):
             raise ValueError(f"compile must be True or False, got {compile!r}")
         if cuda_graphs not in (True, False):
@@ -191,6 +212,7 @@ class RuntimeOptions:
             cuda_graphs,
             mesh,
             attention_options=attention_options,
+            offload_resident=offload_resident,
         )
 
     @property
@@ -225,7 +247,7 @@ class RuntimeOptions:
         if self.offload == "block":
             from dit_rt.offload import apply_offload
 
-            apply_offload(model, "block", device=self.device)
+            apply_offload(model, "block", device=self.device, resident_bytes=self.offload_resident)
         if self.cache:
             from dit_rt.cache import apply_cache
 

@@ -457,3 +457,19 @@ def test_demo_prints_the_checkpoint_path(tmp_path, monkeypatch, capsys):
     from dit_rt.demo import TINY_MODEL
 
     assert f"checkpoint: {TINY_MODEL}" in out and "seed: 0" in out
+
+
+def test_cli_offload_resident_flag(tiny, tmp_path, capsys):
+    from dit_rt.cli import _runtime_options, build_parser
+
+    base = ["generate", "--model", "m", "--prompt", "p", "-o", "x.gif", "--offload"]
+    a = build_parser().parse_args([*base, "block", "--offload-resident-gib", "1.5"])
+    assert _runtime_options(a)["offload"] == dict(name="block", resident_gib=1.5)
+    assert _runtime_options(build_parser().parse_args([*base, "model"]))["offload"] == "model"
+    rc = main(
+        ["generate", "--model", str(tiny), "--prompt", "x", *SMALL, "-o", str(tmp_path / "x.gif")]
+        + ["--offload-resident-gib", "2"]
+    )
+    assert rc == 2 and "--offload-resident-gib needs --offload block" in _one_line_error(
+        capsys.readouterr().err
+    )

@@ -49,6 +49,28 @@ def test_sizes_per_option(tmp_path):
     assert peak == 4 * (1024 * 512 + 1024 * 2) + 1024 * 64 * 2 + 512 * 1024 + vae
 
 
+def test_resident_blocks_are_counted(tmp_path):
+    folder, comps = _folder(tmp_path)
+    blk, proj, te = 1024 * 1024 * 2 + 1024 * 2, 1024 * 64 * 2, 2 * 512 * 1024 * 2
+    kw = dict(offload="block", streamed=("transformer", "text_encoder"))
+    _, sizes = memory.weights_on_gpu(folder, comps, torch.bfloat16, **kw)
+    peak, kept = memory.weights_on_gpu(folder, comps, torch.bfloat16, resident=blk, **kw)
+    assert kept["transformer"] == sizes["transformer"] + blk and kept["text_encoder"] == sizes["text_encoder"]
+    # the kept block stays on the GPU while the streamed text encoder runs
+    assert peak == max(kept["transformer"], sizes["text_encoder"] + blk, sizes["vae"] + blk)
+    _, all_kept = memory.weights_on_gpu(folder, comps, torch.bfloat16, resident=100 * blk, **kw)
+    assert all_kept["transformer"] == 2 * blk + proj + 4 * blk  # capped at the blocks there are
+    assert te == all_kept["text_encoder"]
+    opts = RuntimeOptions.create(
+        device="cpu", dtype=torch.bfloat16, offload=dict(name="block", resident_gib=1)
+    )
+    card = memory.RESERVE + 3 * blk + proj + 1024
+    with pytest.raises(MemoryError) as e:
+        memory.check_fits(folder, comps, opts, name="tiny", available=card, host_available=2**40)
+    assert "offload='block' with resident_gib=1 (GiB" in str(e.value)
+    assert "offload='block' without resident_gib (~" in str(e.value)
+
+
 def test_error_names_the_options_that_fit(tmp_path):
     folder, comps = _folder(tmp_path)
     opts = RuntimeOptions.create(device="cpu", dtype=torch.bfloat16)

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from dit_rt.cache import apply_cache, cache_reset
-from dit_rt.offload import BlockOffload, ComponentOffload, Packed, apply_offload
+from dit_rt.offload import BlockOffload, ComponentOffload, Packed, apply_offload, leading_blocks_within
 from dit_rt.ops.linear import quantize_
+from dit_rt.runtime import RuntimeOptions, parse_offload
 from tests.test_wan_transformer import from_reference, inputs
 from tests.tiny_checkpoints import make_wan_transformer
 
@@ -210,3 +211,32 @@ def test_pinned_host_buffer_is_exact_and_unregistered_with_its_last_view(referen
     monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart(fail=True))
     with pytest.raises(RuntimeError, match="cudaHostRegister of .* GiB of host memory failed"):
         Packed(plain.blocks[0], pin=True)
+
+
+@torch.no_grad()
+def test_resident_budget_keeps_the_leading_blocks(reference):
+    plain, model = pair(reference)
+    block = sum(t.numel() * t.element_size() for t in model.blocks[0].parameters())
+    assert leading_blocks_within(list(model.blocks), 0) == 0
+    assert leading_blocks_within(list(model.blocks), int(2.5 * block)) == 2
+    assert leading_blocks_within(list(model.blocks), 100 * block) == LAYERS
+    hook = apply_offload(model, "block", device="cpu", resident_bytes=int(2.5 * block))
+    assert hook.resident == 2 and hook.streamed == list(range(2, LAYERS))
+    x, t, ctx = inputs(grid=(2, 4, 4))
+    assert torch.equal(model(x, t, ctx), plain(x, t, ctx))
+
+
+def test_offload_option_parsing():
+    assert parse_offload(None) == (None, 0) and parse_offload("model") == ("model", 0)
+    assert parse_offload(dict(name="block", resident_gib=1.5)) == ("block", int(1.5 * 2**30))
+    opts = RuntimeOptions.create(device="cpu", offload=dict(name="block", resident_gib=2))
+    assert opts.offload == "block" and opts.offload_resident == 2 * 2**30
+    for bad, match in (
+        (dict(name="model", resident_gib=1), "a dict takes name='block' and resident_gib="),
+        (dict(name="block", resident=1), "a dict takes name='block'"),
+        (dict(name="block", resident_gib=-1), "resident_gib=-1 must be a number of GiB >= 0"),
+        (dict(name="block", resident_gib="4"), "must be a number of GiB"),
+        ("layer", "choose one of: block, model"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            RuntimeOptions.create(device="cpu", offload=bad)
