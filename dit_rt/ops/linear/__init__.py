@@ -179,7 +179,10 @@ class Linear(nn.Module):
     def gelu_tanh(self, x: torch.Tensor) -> torch.Tensor:
         """GELU (tanh approximation) of this projection. In the default format on CUDA the bias and GELU run
         in the GEMM epilogue (cuBLASLt), saving a full read and write of the (large) FFN hidden activation."""
-        if self._format is None and x.is_cuda and self.bias is not None and x.dtype == self.weight.dtype:
+        b = self.bias
+        epilogue = self._format is None and x.is_cuda and b is not None and x.dtype == self.weight.dtype
+        # the epilogue op has no backward: training (tools/train_tiny.py) takes the plain path
+        if epilogue and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, self.weight, b))):
             y = _linear_gelu_tanh(x.reshape(-1, self.in_features), self.weight, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
         return F.gelu(self(x), approximate="tanh")
