@@ -68,7 +68,11 @@ class _PageLocked(mmap.mmap):
         err = self.cudart.cudaHostRegister(self.ptr, nbytes, 0)
         if err != self.cudart.cudaError.success:
             self.ptr = None
-            raise RuntimeError(f"cudaHostRegister of {nbytes / 2**30:.2f} GiB of host memory failed: {err}")
+            raise RuntimeError(
+                f"cudaHostRegister of {nbytes / 2**30:.2f} GiB of host memory failed ({err}): the host "
+                "cannot page-lock the offloaded weights; free host memory, or quantize them "
+                "(linear='fp8-per-tensor')"
+            )
         return self
 
     def __del__(self) -> None:
