@@ -41,6 +41,18 @@ def component_class(index: dict, component: str) -> str | None:
     return entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
 
 
+def build_meta(folder: Path, index: dict, component: str) -> nn.Module:
+    """The component's model from its config, no weights (call under `torch.device("meta")`)."""
+    name = component_class(index, component)
+    builder = _BUILDERS.get(name)
+    if builder is None:
+        raise NotImplementedError(
+            f"{folder}: component {component!r} has class {name!r}, which dit_rt cannot build; "
+            f"known classes: {', '.join(sorted(_BUILDERS))}"
+        )
+    return builder(folder / component)
+
+
 def build_component(
     folder: Path,
     index: dict,
@@ -52,15 +64,8 @@ def build_component(
 ) -> nn.Module:
     """The component `component` of the Hub-layout `folder`, weights loaded on `device` in `dtype`, in eval
     mode without gradients. linear_format: the transformer's linear weight format (dit_rt.ops)."""
-    name = component_class(index, component)
-    builder = _BUILDERS.get(name)
-    if builder is None:
-        raise NotImplementedError(
-            f"{folder}: component {component!r} has class {name!r}, which dit_rt cannot build; "
-            f"known classes: {', '.join(sorted(_BUILDERS))}"
-        )
     with torch.device("meta"):
-        model = builder(folder / component)
+        model = build_meta(folder, index, component)
     loaders.load_weights(
         model,
         folder / component,

@@ -5,7 +5,8 @@ FLUX.2-dev is 112 GB of bf16 weights (a 32B transformer and a 24B text encoder):
 with fp8 linears or offload. A user who asks for what cannot fit gets, before minutes of reading weights, the
 sizes and the options that would fit, instead of an out-of-memory error halfway through.
 
-The estimate counts weights only: per component, each floating tensor in the load dtype (a few fp32-kept
+The estimate counts weights only, those the component's model reads (its key map drops the parts dit_rt
+never builds): per component, each floating tensor in the load dtype (a few fp32-kept
 tensors are counted at the load dtype too), quantized linears (2-D block weights of
 the components the family quantizes) at their format's bytes per element; under offload="model" the largest
 component (they visit the GPU one at a time), under offload="block" the largest of: a block-streamed
@@ -15,7 +16,9 @@ check keeps `RESERVE` free for them.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +46,26 @@ class Component:
     blocks: int = 0  # bytes of all its blocks
 
 
+@functools.lru_cache(maxsize=32)
+def _loaded(folder: Path, name: str) -> Callable[[str], bool]:
+    """Which checkpoint keys dit_rt's model of this component reads: its own key map drops the parts it never
+    builds (FLUX.2's Mistral text stack past its last output layer, the vision tower, `lm_head`). The model is
+    built on meta from its config (no weight is read); every key counts when it cannot be built here."""
+    import json
+
+    from dit_rt.components import build_meta
+    from dit_rt.loaders.mapping import compile_map, map_key
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        with torch.device("meta"):
+            model = build_meta(folder, index, name)
+        rules = compile_map(getattr(model, "ckpt_key_map", None))
+    except Exception:  # noqa: BLE001 - an estimate: the loader reports real problems with their own errors
+        return lambda key: True
+    return lambda key: map_key(rules, key) is not None
+
+
 def _component(folder: Path, name: str, dtype: torch.dtype, fmt: str | None) -> Component | None:
     from dit_rt.loaders.safetensors_io import find_weight_files, scan
 
@@ -55,7 +78,10 @@ def _component(folder: Path, name: str, dtype: torch.dtype, fmt: str | None) -> 
     quant = FORMAT_BYTES.get(fmt) if fmt else None
     blocks: dict[str, int] = {}
     rest = 0
+    loaded = _loaded(folder, name)
     for key, info in scan(files, index).items():
+        if not loaded(key):
+            continue
         n = 1
         for d in info.shape:
             n *= d

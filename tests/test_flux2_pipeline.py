@@ -4,6 +4,8 @@ without reference images: images must agree to 1e-3."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -258,3 +260,16 @@ def test_parallel_matches_one_process(flux2, tmp_path):
     for rank in range(2):
         errors = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert all(e <= 1e-5 for e in errors.values()), f"rank {rank}: {errors}"
+
+
+def test_memory_check_counts_only_what_is_loaded(flux2):
+    """The text encoder's file holds 31 layers, the vision tower and the projector; dit_rt builds layers 0-29
+    only, and the memory check counts exactly the tensors the loader reads."""
+    from dit_rt import memory
+    from dit_rt.loaders.safetensors_io import find_weight_files, scan
+
+    path, _, pipe = flux2
+    read = sum(t.numel() * 4 for t in pipe.text_encoder.state_dict().values())
+    stored = sum(math.prod(i.shape) * 4 for i in scan(*find_weight_files(path / "text_encoder")).values())
+    _, sizes = memory.weights_on_gpu(path, ["text_encoder"], torch.float32)
+    assert sizes["text_encoder"] == read < stored
