@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dit_rt.ops import elementwise as E
 
@@ -358,3 +359,54 @@ def test_qkv_codes_in_one_pass():
         assert torch.equal(a.q.float(), b.q.float()) and torch.equal(a.scale, b.scale)
     with pytest.raises(ValueError, match="takes fp8 codes"):
         qkv_proj(x, bias=False)
+
+
+SWIGLU = """
+import torch, torch.nn.functional as F
+from dit_rt.ops import elementwise as E
+torch.manual_seed(0)
+B, L, D, M = 2, 5, 24, 3000  # M spans two column blocks, the second partial
+# float16 only: the interpreter casts float32 to bfloat16 by truncation (the GPU rounds to nearest even)
+for dt in (torch.float16,):
+    y = (torch.randn(B, L, 3 * D + 2 * M) * 4).to(dt)
+    gate, up = y[..., 3 * D : 3 * D + M], y[..., 3 * D + M :]  # strided slices of one projection
+    want = F.silu(gate) * up
+    exact = F.silu(gate.double()) * up.double()
+    out = torch.empty(B, L, M, dtype=dt)
+    E._swiglu_cuda(gate, up, out)
+    # the torch ops' two roundings (SiLU to the dtype, then the product): the same error bound, and the same
+    # values but where an fp32 exp differs in its last bit next to a rounding boundary
+    bound = 2.5 * 2.0**-11 * exact.abs() + 2.0**-24 * (1 + up.double().abs())  # relative; a subnormal SiLU
+    assert ((out.double() - exact).abs() <= bound).all() and ((want.double() - exact).abs() <= bound).all()
+    assert (out == want).double().mean() > 0.99, (out == want).double().mean()
+    o = torch.randn(B, L, D).to(dt)
+    buf = torch.empty(B, L, D + M, dtype=dt)
+    buf[..., :D].copy_(o)
+    E._swiglu_cuda(gate, up, buf[..., D:])  # into the tail of the concatenation buffer
+    assert torch.equal(buf, torch.cat([o, out], dim=-1))
+print("ok")
+"""
+
+
+def test_swiglu_kernel_rounds_as_the_torch_ops():
+    """SiLU rounded to the dtype, then the product rounded, as the unfused ops do, read from strided halves of
+    one projection and written into a wider buffer (TRITON_INTERPRET on the CPU)."""
+    pytest.importorskip("triton", reason="the Triton kernels need the triton package (test extra)")
+    env = dict(__import__("os").environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", SWIGLU], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_swiglu_dispatch_and_row_layouts():
+    from dit_rt.ops.elementwise import _even_rows, cat_swiglu, swiglu
+
+    y = torch.randn(2, 5, 30)
+    a, b = y.chunk(2, dim=-1)
+    assert _even_rows(a) and _even_rows(y[..., 10:]) and _even_rows(torch.randn(3, 4, 6).transpose(0, 1)[:1])
+    assert not _even_rows(torch.randn(4, 6).t()) and not _even_rows(y[:, ::2])
+    assert not _even_rows(torch.randn(2, 5, 30)[:, :3])  # rows of one batch item do not run into the next
+    assert torch.equal(swiglu(a, b), F.silu(a) * b)  # the CPU takes the torch ops
+    out = torch.empty(2, 5, 15)
+    assert swiglu(a, b, out) is out and torch.equal(out, F.silu(a) * b)
+    x = torch.randn(2, 5, 4)
+    assert torch.equal(cat_swiglu(x, a, b), torch.cat([x, F.silu(a) * b], dim=-1))

@@ -732,3 +732,86 @@ def rms_norm_silu_(out: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, eps:
         return out
     y = F.rms_norm(x.movedim(1, -1), (C,), gamma.reshape(C).to(x.dtype), eps=eps).movedim(-1, 1)
     return out.copy_(F.silu(y))
+
+
+# ------------------------------------------------------------------------------------------------- SwiGLU
+
+
+@functools.cache
+def _swiglu_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def swiglu_kernel(
+        a_ptr, b_ptr, out_ptr, M, stride_a, stride_b, stride_o, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # One row, BLOCK columns: SiLU(a) rounded to the output dtype, times b, rounded, as the two unfused
+        # ops round, in one read of a and b and one write (which may land in a wider buffer).
+        row, c = tl.program_id(0).to(tl.int64), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = c < M
+        a = tl.load(a_ptr + row * stride_a + c, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + row * stride_b + c, mask=mask, other=0.0).to(tl.float32)
+        s = (a / (1.0 + tl.exp(-a))).to(out_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + c, (s * b).to(out_ptr.dtype.element_ty), mask=mask)
+
+    return triton, swiglu_kernel
+
+
+@kernel_op("dit_rt::swiglu", mutates_args=("out",))
+def _swiglu_cuda(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    triton, kernel = _swiglu_kernel()
+    M = a.shape[-1]
+    rows = a.numel() // M
+    block = 2048
+    kernel[(rows, triton.cdiv(M, block))](
+        a, b, out, M, a.stride(-2), b.stride(-2), out.stride(-2), BLOCK=block, num_warps=4
+    )
+
+
+@_swiglu_cuda.register_fake
+def _(a, b, out):
+    return None
+
+
+def _even_rows(t: torch.Tensor) -> bool:
+    """Rows of contiguous channels, every row stride(-2) after the previous across the leading dims."""
+    if t.dim() < 2 or t.stride(-1) != 1:
+        return False
+    expected = t.stride(-2) * t.shape[-2]
+    for i in range(t.dim() - 3, -1, -1):
+        if t.shape[i] > 1 and t.stride(i) != expected:
+            return False
+        expected *= t.shape[i]
+    return True
+
+
+def _swiglu_fits(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """Whether the Triton SwiGLU runs: CUDA half inputs in eager mode (under torch.compile inductor fuses the
+    torch expression itself), rows of contiguous channels."""
+    if not _use_triton(a) or torch.compiler.is_compiling() or not a.dtype == b.dtype == out_dtype:
+        return False
+    return a.shape == b.shape and _even_rows(a) and _even_rows(b)
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """SiLU(a) * b as the two torch ops compute it (a, b [..., M], e.g. the halves of one projection), into
+    `out` when given (e.g. the tail of a concatenation buffer). On CUDA one Triton pass reading a and b once,
+    rounding where the torch ops round (SiLU to the dtype, then the product)."""
+    if _swiglu_fits(a, b, a.dtype if out is None else out.dtype):
+        out = a.new_empty(a.shape) if out is None else out
+        if out.shape == a.shape and _even_rows(out):
+            _swiglu_cuda(a, b, out)
+            return out
+    y = F.silu(a) * b
+    return y if out is None else out.copy_(y)
+
+
+def cat_swiglu(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.cat([x, SiLU(a) * b], dim=-1); on CUDA the SwiGLU half is written into the buffer in place."""
+    if not _swiglu_fits(a, b, x.dtype):
+        return torch.cat([x, F.silu(a) * b], dim=-1)
+    out = x.new_empty(*x.shape[:-1], x.shape[-1] + a.shape[-1])
+    out[..., : x.shape[-1]].copy_(x)
+    swiglu(a, b, out[..., x.shape[-1] :])
+    return out

@@ -43,7 +43,7 @@ from dit_rt.models.flux.transformer import (
 )
 from dit_rt.ops import Attention, Linear
 from dit_rt.ops.codes import Fp8Codes
-from dit_rt.ops.elementwise import gated_residual, layer_norm_modulate
+from dit_rt.ops.elementwise import cat_swiglu, gated_residual, layer_norm_modulate, swiglu
 from dit_rt.ops.fused_ops import add_norm_into, qk_norm_rope
 from dit_rt.parallel.sequence import Replicate, SequencePlan, Split
 from dit_rt.runner import BlockRunner, forward_seam
@@ -147,7 +147,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.linear_in(x).chunk(2, dim=-1)
-        return self.linear_out(F.silu(a) * b)
+        return self.linear_out(swiglu(a, b))
 
 
 # ------------------------------------------------------------------------------------------------ blocks
@@ -213,7 +213,7 @@ class ParallelSelfAttention(nn.Module):
         q = qk_norm_rope(self.attn, q, self.norm_q, self.heads, rope, **QK)  # [B, L, H, Dh] (or fp8 codes)
         k = qk_norm_rope(self.attn, k, self.norm_k, self.heads, rope, **QK)
         o = self.attn(q, k, v.unflatten(-1, (self.heads, -1))).flatten(2)  # [B, L, D]
-        return self.to_out(torch.cat([o, F.silu(gate) * up], dim=-1))
+        return self.to_out(cat_swiglu(o, gate, up))  # [attention; SiLU(gate) * up]
 
 
 class Flux2SingleBlock(nn.Module):

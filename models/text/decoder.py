@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dit_rt.ops import Linear
+from dit_rt.ops.elementwise import swiglu
 
 
 class RMSNorm(nn.Module):
@@ -100,7 +101,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # 2 x [B, L, intermediate]
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(swiglu(gate, up))
 
 
 class DecoderLayer(nn.Module):
