@@ -273,3 +273,27 @@ def test_memory_check_counts_only_what_is_loaded(flux2):
     stored = sum(math.prod(i.shape) * 4 for i in scan(*find_weight_files(path / "text_encoder")).values())
     _, sizes = memory.weights_on_gpu(path, ["text_encoder"], torch.float32)
     assert sizes["text_encoder"] == read < stored
+
+
+def test_offload_resident_budget_spans_both_block_stacks(flux2):
+    """resident_gib keeps the leading blocks in run order, double then single: a budget of every double block
+    and one single block keeps exactly those; the image is unchanged."""
+    from dit_rt.offload import BlockOffload
+    from dit_rt.runner import stack_runners
+
+    path, _, pipe = flux2
+    double, single = pipe.transformer.transformer_blocks, pipe.transformer.single_transformer_blocks
+
+    def nbytes(block):
+        return sum(t.numel() * t.element_size() for t in [*block.parameters(), *block.buffers()])
+
+    kept = sum(nbytes(b) for b in double) + nbytes(single[0])
+    opts = dict(offload=dict(name="block", resident_gib=(kept + 1) / 2**30))
+    q = dit_rt.load(str(path), device="cpu", **opts)
+    hooks = {h for r in stack_runners(q.transformer) for h in r.block_hooks if isinstance(h, BlockOffload)}
+    assert len(hooks) == 1 and next(iter(hooks)).resident == len(double) + 1
+    image = _image(64, 64, seed=6)
+    out = q.generate(PROMPTS[0], image=image, progress_bar=False, **FEATURES)
+    assert torch.equal(
+        out.frames, pipe.generate(PROMPTS[0], image=image, progress_bar=False, **FEATURES).frames
+    )
