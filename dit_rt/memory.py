@@ -149,8 +149,8 @@ def check_fits(
     """Raise MemoryError, before any weight is read, when the weights under `options` (RuntimeOptions)
     cannot fit `available` bytes (default: what the CUDA device has free) less RESERVE, naming the options
     that would; under offload=, also when the host cannot hold the offloaded weights (`host_available`,
-    default: the kernel's MemAvailable) less HOST_RESERVE. Nothing to check off CUDA, or under parallel=
-    (FSDP shards and parallel layouts have their own sizes)."""
+    default: MemAvailable, capped by a container's limit) less HOST_RESERVE. Nothing to check off CUDA, or
+    under parallel= (FSDP shards and parallel layouts have their own sizes)."""
     device = options.device
     if available is None:
         if device.type != "cuda" or options.parallel is not None:
@@ -196,16 +196,38 @@ def check_fits(
     )
 
 
-def host_available_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo (None where there is none to read)."""
+MEMINFO = "/proc/meminfo"
+# (limit, usage) of this process's memory cgroup, v2 then v1: a container's limit, which MemAvailable ignores
+CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
+
+
+def _read_int(path: str) -> int | None:
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+        with open(path) as f:
+            text = f.read().strip()
     except OSError:
         return None
-    return None
+    return int(text) if text.isdigit() else None  # cgroup v2 writes "max" when there is no limit
+
+
+def host_available_bytes() -> int | None:
+    """What this process can still take of host memory: MemAvailable of /proc/meminfo, capped by the memory
+    cgroup's limit less its usage (containers); None where neither can be read."""
+    found = []
+    try:
+        with open(MEMINFO) as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except OSError:
+        pass
+    for limit_file, usage_file in CGROUP_FILES:
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 2**60:
+            found.append(max(limit - usage, 0))
+            break
+    return min(found) if found else None
 
 
 def _check_host(total: int, options, name: str, available: int | None) -> None:

@@ -112,6 +112,25 @@ def test_offload_checks_the_host_too(tmp_path):
     assert memory.host_available_bytes() > 0
 
 
+def test_host_memory_reads_meminfo_and_the_container_limit(tmp_path, monkeypatch):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       131072000 kB\nMemAvailable:   100000000 kB\n")
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    monkeypatch.setattr(memory, "MEMINFO", str(meminfo))
+    monkeypatch.setattr(memory, "CGROUP_FILES", ((str(limit), str(usage)),))
+    assert memory.host_available_bytes() == 100000000 * 1024  # no cgroup files: MemAvailable
+    limit.write_text("max\n")
+    usage.write_text("5000\n")
+    assert memory.host_available_bytes() == 100000000 * 1024  # cgroup v2 without a limit
+    limit.write_text(f"{64 * 2**30}\n")
+    usage.write_text(f"{10 * 2**30}\n")
+    assert memory.host_available_bytes() == 54 * 2**30  # a container's 64 GiB limit, 10 used
+    monkeypatch.setattr(memory, "MEMINFO", str(tmp_path / "none"))
+    assert memory.host_available_bytes() == 54 * 2**30
+    monkeypatch.setattr(memory, "CGROUP_FILES", ())
+    assert memory.host_available_bytes() is None
+
+
 def test_load_checks_before_reading_weights(monkeypatch):
     """dit_rt.load raises the MemoryError from the pipeline's start(), before any component is built."""
     import dit_rt
