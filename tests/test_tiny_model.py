@@ -175,6 +175,53 @@ def test_training_smoke_writes_a_loadable_checkpoint(tmp_path):
     assert out.frames.shape == (1, 9, 32, 32, 3) and torch.isfinite(out.frames).all()
 
 
+def test_text_tokens_pad_to_a_fixed_shape_without_changing_the_context(tmp_path):
+    # the compiled step needs one shape; the padded positions are masked out of attention and the context
+    from dit_rt.models.text import T5Tokenizer
+
+    (tmp_path / "tokenizer.json").write_text(train_tiny.tokenizer_json(VOCABULARY))
+    tok = T5Tokenizer.from_folder(tmp_path)
+    _, _, text = train_tiny.build(0)
+    prompts = [DEMO_PROMPTS[0], "", DEMO_PROMPTS[4]]
+    ids, mask = train_tiny.text_tokens(tok, prompts, "cpu")
+    assert ids.shape == mask.shape == (3, 16)
+    n = int(mask.sum(1).max())
+    assert n < 16 and mask[:, n:].sum() == 0
+    padded = train_tiny.text_context(text, ids, mask, 64)
+    tight = train_tiny.text_context(text, ids[:, :n], mask[:, :n], 64)
+    assert padded.shape == (3, 64, train_tiny.TEXT_DIM)
+    torch.testing.assert_close(padded, tight, rtol=1e-5, atol=1e-6)
+    assert padded[1, 1:].abs().sum() == 0 and padded[0, n:].abs().sum() == 0
+
+
+def test_latent_pool_refreshes_in_chunks_at_the_set_rate():
+    vae, _, _ = train_tiny.build(0)
+    vae.requires_grad_(False)
+    pool = train_tiny.LatentPool(vae, torch.Generator().manual_seed(0), "cpu", 8, 2, 5, chunk=4)
+    before = pool.latents.clone(), list(pool.prompts)
+    pool.sample(3)
+    assert torch.equal(pool.latents, before[0])  # 2 due, the chunk is 4
+    prompts, x = pool.sample(3)
+    assert x.shape == (3, *pool.latents.shape[1:]) and len(prompts) == 3
+    changed = [i for i in range(8) if not torch.equal(pool.latents[i], before[0][i])]
+    assert changed == [0, 1, 2, 3] and pool.next == 4 and pool.due == 0
+    for _ in range(2):
+        pool.sample(1)
+    assert pool.next == 0  # wrapped round: rows 4-7 replaced next
+    assert all(not torch.equal(pool.latents[i], before[0][i]) for i in range(4, 8))
+
+
+def test_vae_loss_matches_its_noise_shape_and_trains():
+    vae, _, _ = train_tiny.build(0)
+    _, x = train_tiny.batch(torch.Generator().manual_seed(0), 2, 9)
+    shape = train_tiny.latent_shape(vae, x)
+    assert shape == tuple(train_tiny.vae_encode(vae, x)[0].shape)
+    loss, rec, kl = train_tiny.vae_loss(vae, x, torch.randn(shape))
+    assert loss.requires_grad and not rec.requires_grad and loss > rec > 0 and kl >= 0
+    loss.backward()
+    assert all(p.grad is not None for p in vae.encoder.parameters())
+
+
 # ---------------------------------------------------------------------------------------------- harness
 
 

@@ -174,23 +174,45 @@ def vae_decode(vae, z: torch.Tensor) -> torch.Tensor:
     return vae.decoder(vae.post_quant_conv(z))
 
 
-def train_vae(vae, g, device, steps: int, bs: int, frames: int, log) -> None:
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+def latent_shape(vae, x: torch.Tensor) -> tuple[int, ...]:
+    c = vae.config
+    b, _, t, h, w = x.shape
+    sp = c.scale_factor_spatial
+    return (b, c.z_dim, (t - 1) // c.scale_factor_temporal + 1, h // sp, w // sp)
+
+
+def vae_loss(vae, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage 1's objective on a batch x [B, 3, T, H, W] with latent noise eps: (loss, reconstruction, KL)."""
+    mean, logvar = vae_encode(vae, x)
+    y = vae_decode(vae, mean + 0.02 * eps)  # decoder robust to latent noise
+    # The shape is a tenth of the frame: weigh its pixels up, or the cheapest fit is the background alone.
+    fg = ((x - x[:, :, :, :1, :1]).abs().amax(1, keepdim=True) > 0.1).float()  # [B, 1, T, H, W]
+    rec = ((y - x).pow(2) * (1 + 9 * fg)).mean() + (y - x).abs().mean()
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+    return rec + 1e-4 * kl + 1e-3 * mean.pow(2).mean(), rec.detach(), kl.detach()
+
+
+def optimizer(params, device, **kw) -> torch.optim.AdamW:
+    """AdamW, fused into a few kernels on CUDA (a step of these small models is bound by launches)."""
+    return torch.optim.AdamW(params, fused=device.type == "cuda", **kw)
+
+
+def compiled(fn, on: bool):
+    return torch.compile(fn, dynamic=False) if on else fn
+
+
+def train_vae(vae, g, device, steps: int, bs: int, frames: int, log, compile: bool = False) -> None:
+    params = list(vae.parameters())
+    opt = optimizer(params, device, lr=1e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=steps, pct_start=0.02)
+    step_loss = compiled(vae_loss, compile)
     for step in range(steps):
         _, x = batch(g, bs, frames)
-        x = x.to(device)
-        mean, logvar = vae_encode(vae, x)
-        z = mean + 0.02 * torch.randn(mean.shape, generator=g).to(device)  # decoder robust to latent noise
-        y = vae_decode(vae, z)
-        # The shape is a tenth of the frame: weigh its pixels up, or the cheapest fit is the background alone.
-        fg = ((x - x[:, :, :, :1, :1]).abs().amax(1, keepdim=True) > 0.1).float()  # [B, 1, T, H, W]
-        rec = ((y - x).pow(2) * (1 + 9 * fg)).mean() + (y - x).abs().mean()
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        loss = rec + 1e-4 * kl + 1e-3 * mean.pow(2).mean()
+        eps = torch.randn(latent_shape(vae, x), generator=g)
+        loss, rec, kl = step_loss(vae, x.to(device, non_blocking=True), eps.to(device, non_blocking=True))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
         sched.step()
         if step % 100 == 0 or step == steps - 1:
@@ -206,17 +228,19 @@ def latent_stats(vae, g, device, n: int, frames: int) -> tuple[list[float], list
 
 class LatentPool:
     """Encoded clips to train the transformer on. Encoding is most of a CPU step's cost, so a pool of
-    `size` clips is encoded once and `refresh` of them are replaced by new ones every step."""
+    `size` clips is encoded once and `refresh` of them per step are replaced by new ones, encoded `chunk`
+    at a time (one encoder pass per chunk: on a GPU a pass of a few clips costs its launches)."""
 
-    def __init__(self, vae, g, device, size: int, refresh: int, frames: int):
+    def __init__(self, vae, g, device, size: int, refresh: int, frames: int, chunk: int = 64):
         self.vae, self.g, self.device, self.refresh, self.frames = vae, g, device, refresh, frames
+        self.chunk = max(refresh, min(chunk, size))
         self.prompts, self.latents = [], []
         while len(self.prompts) < size:
             p, z = self.encode(min(16, size - len(self.prompts)))
             self.prompts += p
             self.latents.append(z)
         self.latents = torch.cat(self.latents)
-        self.next = 0
+        self.next = self.due = 0
 
     @torch.no_grad()
     def encode(self, n: int) -> tuple[list[str], torch.Tensor]:
@@ -224,33 +248,47 @@ class LatentPool:
         return prompts, self.vae.normalize_latents(vae_encode(self.vae, x.to(self.device))[0])
 
     def sample(self, bs: int) -> tuple[list[str], torch.Tensor]:
-        if self.refresh:
-            p, z = self.encode(self.refresh)
-            for i in range(self.refresh):
-                j = (self.next + i) % len(self.prompts)
-                self.prompts[j], self.latents[j] = p[i], z[i]
-            self.next = (self.next + self.refresh) % len(self.prompts)
+        self.due += self.refresh
+        if self.refresh and self.due >= self.chunk:
+            p, z = self.encode(self.due)
+            rows = [(self.next + i) % len(self.prompts) for i in range(self.due)]
+            for j, prompt in zip(rows, p):
+                self.prompts[j] = prompt
+            self.latents[torch.tensor(rows, device=self.latents.device)] = z
+            self.next = (self.next + self.due) % len(self.prompts)
+            self.due = 0
         idx = torch.randint(len(self.prompts), (bs,), generator=self.g)
         return [self.prompts[i] for i in idx.tolist()], self.latents[idx.to(self.latents.device)]
 
 
-def text_states(text, tokenizer, prompts: list[str], device, max_length: int = 512) -> torch.Tensor:
-    """`wan_text_embeddings` (inference-only) with gradients: [B, max_length, d_model], the rows past each
-    prompt's tokens zero, as the pipeline passes them."""
+def text_tokens(tokenizer, prompts: list[str], device, max_length: int = 512):
+    """Token ids and mask [B, n], n the longest prompt's length rounded up to 16 (a fixed shape for the
+    compiled step; the mask keeps the extra positions out of attention and the context)."""
     from dit_rt.models.text import prompt_clean
 
     ids, mask = tokenizer.encode([prompt_clean(p) for p in prompts], max_length)
-    lens = mask.sum(dim=1)
-    n = int(lens.max())
-    hidden = text(ids[:, :n].to(device), mask[:, :n].to(device))  # [B, n, d_model]
-    keep = torch.arange(n, device=device)[None, :] < lens.to(device)[:, None]
-    return F.pad(hidden * keep[..., None], (0, 0, 0, max_length - n))
+    n = min(max_length, -(-int(mask.sum(dim=1).max()) // 16) * 16)
+    return ids[:, :n].to(device, non_blocking=True), mask[:, :n].to(device, non_blocking=True)
 
 
-def train_dit(pool, transformer, text, tokenizer, g, device, steps, bs, log, checkpoint) -> None:
+def text_context(text, ids: torch.Tensor, mask: torch.Tensor, max_length: int) -> torch.Tensor:
+    hidden = text(ids, mask)  # [B, n, d_model]
+    return F.pad(hidden * mask[..., None].to(hidden.dtype), (0, 0, 0, max_length - ids.shape[1]))
+
+
+def dit_loss(transformer, text, ids, mask, x0, noise, s) -> torch.Tensor:
+    """Stage 2's flow-matching objective: x_s = (1 - s) x0 + s noise against the target noise - x0."""
+    sv = s.view(-1, 1, 1, 1, 1)
+    xt = (1 - sv) * x0 + sv * noise
+    v = transformer(xt, s * 1000, text_context(text, ids, mask, 512))
+    return F.mse_loss(v.float(), noise - x0)
+
+
+def train_dit(pool, transformer, text, tokenizer, g, device, steps, bs, log, checkpoint, compile=False):
     params = [*transformer.parameters(), *text.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.99))
+    opt = optimizer(params, device, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=steps, pct_start=0.05)
+    step_loss = compiled(dit_loss, compile)
     avg = None
     for step in range(steps):
         prompts, x0 = pool.sample(bs)
@@ -258,20 +296,18 @@ def train_dit(pool, transformer, text, tokenizer, g, device, steps, bs, log, che
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         u = torch.rand(bs, generator=g)
         s = (FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)).to(device)  # the scheduler's shifted sigmas
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        sv = s.view(-1, 1, 1, 1, 1)
-        xt = (1 - sv) * x0 + sv * noise
-        context = text_states(text, tokenizer, prompts, device)
-        v = transformer(xt, s * 1000, context)
-        loss = F.mse_loss(v.float(), noise - x0)
+        noise = torch.randn(x0.shape, generator=g).to(device, non_blocking=True)
+        ids, mask = text_tokens(tokenizer, prompts, device)
+        loss = step_loss(transformer, text, ids, mask, x0, noise, s)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
         sched.step()
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        # A running mean kept on the device: reading the loss every step would wait for the GPU.
+        avg = loss.detach().clone() if avg is None else avg.lerp_(loss.detach(), 0.02)
         if step % 100 == 0 or step == steps - 1:
-            log(f"dit {step}/{steps} loss {loss.item():.4f} avg {avg:.4f}")
+            log(f"dit {step}/{steps} loss {loss.item():.4f} avg {avg.item():.4f}")
         if checkpoint and step and step % checkpoint == 0:
             yield step
 
@@ -294,38 +330,53 @@ def save(out: Path, vae, transformer, text, stats) -> Path:
 
 
 def fit_steps(a, vae, transformer, text, device, log) -> tuple[int, int]:
-    """Step counts that fill a.fit_minutes (VAE a third, transformer the rest), timed on copies of the
-    models with their own data generator, so the real run is the one the printed counts reproduce."""
+    """Step counts that fill a.fit_minutes (VAE a third, transformer the rest, less the time this timing
+    takes: compiling is part of it, and the copies' compiled code serves the real models), timed on copies of the models with their own data
+    generator, so the real run is the one the printed counts reproduce."""
     from dit_rt.models.text import T5Tokenizer
 
-    def seconds_per_step(run, n: int = 30) -> float:
-        run(5)  # warm-up: allocator, cuDNN autotuning
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def seconds_per_step(run, n: int = 30) -> tuple[float, float]:
+        t = time.perf_counter()
+        run(5)  # warm-up: allocator, cuDNN autotuning, compiling
+        sync()
+        warm = time.perf_counter() - t
         t = time.perf_counter()
         run(n)
+        sync()
+        return (time.perf_counter() - t) / n, warm
+
+    def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return (time.perf_counter() - t) / n
 
+    start = time.perf_counter()
     g = torch.Generator().manual_seed(a.seed + 7)
     v, tr, te = (copy.deepcopy(m) for m in (vae, transformer, text))
     quiet = lambda msg: None  # noqa: E731
-    vae_s = seconds_per_step(lambda n: train_vae(v, g, device, n, a.vae_batch, a.vae_frames, quiet))
+    vae_s, vae_warm = seconds_per_step(
+        lambda n: train_vae(v, g, device, n, a.vae_batch, a.vae_frames, quiet, a.compile)
+    )
     tok_dir = Path(a.out) / "tokenizer"
     tok_dir.mkdir(parents=True, exist_ok=True)
     (tok_dir / "tokenizer.json").write_text(tokenizer_json(VOCABULARY))
     tok = T5Tokenizer.from_folder(tok_dir)
     v.requires_grad_(False)
     pool = LatentPool(v, g, device, 64, a.refresh, FRAMES)
-    dit_s = seconds_per_step(
-        lambda n: list(train_dit(pool, tr, te, tok, g, device, n, a.dit_batch, quiet, 0))
+    dit_s, dit_warm = seconds_per_step(
+        lambda n: list(train_dit(pool, tr, te, tok, g, device, n, a.dit_batch, quiet, 0, a.compile))
     )
-    budget = a.fit_minutes * 60 * 0.95 - 10  # margin: latent statistics, the pool, saving
+    spent = time.perf_counter() - start
+    # margin: latent statistics, the pool, saving
+    budget = a.fit_minutes * 60 * 0.95 - 10 - spent
+    if budget <= 0:
+        raise SystemExit(
+            f"--fit-minutes {a.fit_minutes} leaves no time to train after {spent:.0f} s of timing"
+        )
     vae_steps, dit_steps = int(budget / 3 / vae_s), int(budget * 2 / 3 / dit_s)
     log(
-        f"{vae_s * 1e3:.1f} ms per VAE step, {dit_s * 1e3:.1f} ms per transformer step: "
-        f"--vae-steps {vae_steps} --dit-steps {dit_steps} fill {a.fit_minutes} min"
+        f"{vae_s * 1e3:.1f} ms per VAE step, {dit_s * 1e3:.1f} ms per transformer step (warm-up "
+        f"{vae_warm:.0f} s, {dit_warm:.0f} s): --vae-steps {vae_steps} --dit-steps {dit_steps} fill "
+        f"{a.fit_minutes} min"
     )
     return vae_steps, dit_steps
 
@@ -352,6 +403,12 @@ def main(argv: list[str] | None = None) -> int:
         help="choose --vae-steps / --dit-steps to fill this many minutes (a third for the VAE), from the "
         "speed of a few throwaway steps of each stage; the counts are printed to reproduce the run",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each stage's loss (forward and backward): on a GPU a step of these small "
+        "models is bound by kernel launches, and compiling fuses most of them",
+    )
     p.add_argument("--smoke", action="store_true", help="a few steps of each stage (seconds, for CI)")
     a = p.parse_args(argv)
     if a.smoke:
@@ -372,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         vae.load_state_dict(torch.load(a.vae_state, map_location=device))
         log(f"VAE from {a.vae_state}")
     else:
-        train_vae(vae, g, device, a.vae_steps, a.vae_batch, a.vae_frames, log)
+        train_vae(vae, g, device, a.vae_steps, a.vae_batch, a.vae_frames, log, a.compile)
         if a.vae_state:
             torch.save(vae.state_dict(), a.vae_state)
     g = torch.Generator().manual_seed(a.seed + 1)
@@ -386,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     pool = LatentPool(vae, g, device, 16 if a.smoke else a.pool, 1 if a.smoke else a.refresh, FRAMES)
     log(f"encoded a pool of {len(pool.prompts)} clips")
     for step in train_dit(
-        pool, transformer, text, tokenizer, g, device, a.dit_steps, a.dit_batch, log, a.save_every
+        pool, transformer, text, tokenizer, g, device, a.dit_steps, a.dit_batch, log, a.save_every, a.compile
     ):
         save(Path(a.out), vae, transformer, text, stats)
         log(f"saved step {step}")
