@@ -7,9 +7,9 @@ import json
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -19,6 +19,9 @@ from tiny_cosmos import COSMOS_1, COSMOS_TEXT_DIM, make_cosmos_transformer, torc
 
 import dit_rt
 from dit_rt.demo import randomize
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from bench_e2e import COSMOS1_SCHEDULER, pass_through_safety_checker  # noqa: E402
 
 PROMPTS = ["a cat baking a cake", "the dog"]
 T5_11B = dict(
@@ -33,35 +36,8 @@ VAE = dict(
     resolution=64,
     num_layers=1,
 )
-EDM = dict(
-    sigma_min=0.002,
-    sigma_max=80.0,
-    sigma_data=0.5,
-    sigma_schedule="karras",
-    num_train_timesteps=1000,
-    prediction_type="epsilon",
-    rho=7.0,
-    final_sigmas_type="sigma_min",
-)
+EDM = COSMOS1_SCHEDULER  # Cosmos-1.0's scheduler_config.json
 SIZE = dict(height=32, width=48, num_frames=17, num_inference_steps=3)  # latents [B, 16, 3, 4, 6]
-
-
-def _safety_checker():
-    """diffusers' test stand-in for NVIDIA's guardrail (which it will not run without): passes everything."""
-    from diffusers import ConfigMixin, ModelMixin
-
-    class DummyCosmosSafetyChecker(ModelMixin, ConfigMixin):
-        def __init__(self):
-            super().__init__()
-            self.register_buffer("_device_tracker", torch.zeros(1), persistent=False)
-
-        def check_text_safety(self, prompt: str) -> bool:
-            return True
-
-        def check_video_safety(self, frames: np.ndarray) -> np.ndarray:
-            return frames
-
-    return DummyCosmosSafetyChecker()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -84,7 +60,7 @@ def reference(tmp_path_factory):
         transformer=make_cosmos_transformer(COSMOS_1, seed=22),
         vae=randomize(AutoencoderKLCosmos(**VAE).eval(), 23, std=0.02),
         scheduler=EDMEulerScheduler(**EDM),
-        safety_checker=_safety_checker(),
+        safety_checker=pass_through_safety_checker(),
     )
     folder = tmp_path_factory.mktemp("cosmos1")
     pipe.save_pretrained(str(folder), safe_serialization=True)

@@ -3,21 +3,18 @@ as CosmosTextToWorldPipeline runs it (the reference steps twice per step: once f
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from dit_rt.schedulers.edm import EDMEulerConfig, EDMEulerScheduler
 
-COSMOS1 = dict(
-    sigma_min=0.002,
-    sigma_max=80.0,
-    sigma_data=0.5,
-    sigma_schedule="karras",
-    num_train_timesteps=1000,
-    prediction_type="epsilon",
-    rho=7.0,
-    final_sigmas_type="sigma_min",
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from bench_e2e import COSMOS1_SCHEDULER  # noqa: E402
+
+COSMOS1 = COSMOS1_SCHEDULER  # Cosmos-1.0's scheduler_config.json
 
 
 def _reference(**overrides):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import types
 from pathlib import Path
 
@@ -30,6 +31,10 @@ from tiny_cosmos import (
 )
 
 from dit_rt.demo import randomize as _randomize
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from bench_e2e import pass_through_safety_checker  # noqa: E402
+
 from dit_rt.demo import tokenizer_json
 
 GUARDRAIL_ENTRY = ["cosmos_guardrail", "CosmosSafetyChecker"]
@@ -43,27 +48,6 @@ QWEN_CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def _safety_checker_class():
-    from diffusers.configuration_utils import ConfigMixin
-    from diffusers.models.modeling_utils import ModelMixin
-
-    class PassThroughSafetyChecker(ModelMixin, ConfigMixin):
-        """Accepts every prompt and returns every frame unchanged (the references' guardrail seat)."""
-
-        def __init__(self):
-            super().__init__()
-            # Something to report a device and dtype from: diffusers asks every component for them.
-            self.register_buffer("_anchor", torch.zeros(1), persistent=False)
-
-        def check_text_safety(self, prompt: str) -> bool:
-            return True
-
-        def check_video_safety(self, frames: np.ndarray) -> np.ndarray:
-            return frames
-
-    return PassThroughSafetyChecker
 
 
 def _save(pipe, path: str | Path):
@@ -91,7 +75,7 @@ def make_cosmos2_t2i(path: str | Path):
         transformer=make_cosmos_transformer(COSMOS_PREDICT2, seed=31),
         vae=make_wan_vae(),
         scheduler=_predict2_scheduler(),
-        safety_checker=_safety_checker_class()(),
+        safety_checker=pass_through_safety_checker(),
     )
     return _save(pipe, path)
 
@@ -105,7 +89,7 @@ def make_cosmos2_v2w(path: str | Path):
         transformer=make_cosmos_transformer(COSMOS_PREDICT2_V2W, seed=32),
         vae=make_wan_vae(),
         scheduler=_predict2_scheduler(),
-        safety_checker=_safety_checker_class()(),
+        safety_checker=pass_through_safety_checker(),
     )
     return _save(pipe, path)
 
@@ -170,7 +154,7 @@ def make_cosmos25(path: str | Path):
             sigma_max=200.0,
             sigma_min=0.01,
         ),
-        safety_checker=_safety_checker_class()(),
+        safety_checker=pass_through_safety_checker(),
     )
     return _save(pipe, path)
 

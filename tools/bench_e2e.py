@@ -33,6 +33,13 @@ FLUX.1 (`--model flux.1-dev`): text-to-image; the latents are FluxPipeline's pac
 [1, (H/16)(W/16), 64], the guidance is the embedded one (one transformer pass per step, no negative prompt),
 and the image comes out as a one-frame clip (T = 1) so that the error columns are the same. `--diagnose`
 covers the Wan families only.
+Cosmos (`--model cosmos-predict2-2b-text2image`, `...-video2world` (the test picture conditions), the 14B
+ones, `cosmos-1.0-diffusion-7b-text2world`): the DiT at its real configuration, the T5-11B encoder, the Wan
+2.1 VAE or the Cosmos tokenizer, written without a safety checker component. diffusers' Cosmos pipelines
+refuse to run without NVIDIA's guardrail, so its runs get a pass-through stand-in, whose path rounds the
+frames to 8 bits; dit_rt's frames take the same rounding before they are compared. diffusers' Cosmos DiT
+imports torchvision. Real sizes are long (a guided 704x1280x93 step of the 2B model is ~7 s in diffusers):
+`--steps`, `--frames` and `--runs` keep a call short. Predict2.5 (Qwen2.5-VL text stack) has no builder yet.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import dataclasses
 import gc
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -56,6 +64,10 @@ from bench_wan import VAE as WAN_VAE  # noqa: E402
 from bench_wan import _hub_config, randomize_  # noqa: E402
 
 PROMPT = "a cat and a dog baking a cake in a sunny kitchen"
+# The generator of each call beside the given latents: what else a pipeline draws (Cosmos Video2World's
+# posterior sample of the conditioning frames), alike on both sides (dit_rt's `seed=` draws as diffusers'
+# CPU generator does).
+SAMPLE_SEED = 7
 UMT5_XXL = dict(
     vocab_size=256384,
     d_model=4096,
@@ -127,6 +139,20 @@ FLUX_SCHEDULER = dict(  # FLUX.1-dev scheduler_config.json: the shift follows th
     base_image_seq_len=256,
     max_image_seq_len=4096,
 )
+T5_11B = dict(  # Cosmos' text encoder: google-t5/t5-11b's encoder (ReLU FFN, one relative-bias table)
+    UMT5_XXL, vocab_size=32128, d_model=1024, d_kv=128, d_ff=65536, num_heads=128, feed_forward_proj="relu",
+    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+)  # fmt: skip
+COSMOS1_SCHEDULER = dict(  # Cosmos-1.0-Diffusion-7B-Text2World scheduler_config.json (EDMEulerScheduler)
+    sigma_min=0.002,
+    sigma_max=80.0,
+    sigma_data=0.5,
+    sigma_schedule="karras",
+    num_train_timesteps=1000,
+    prediction_type="epsilon",
+    rho=7.0,
+    final_sigmas_type="sigma_min",
+)
 CLIP_VIT_H = dict(
     hidden_size=1280,
     intermediate_size=5120,
@@ -183,8 +209,10 @@ class Family:
     build: Callable[[Path, str, bool, torch.device], None]  # (folder, alias, tiny, device)
     latent_shape: Callable[[int, int, int], tuple[int, ...]]  # (height, width, frames) -> one item's shape
     image: bool = False  # image-conditioned: a test picture goes with every call
-    still: bool = False  # one image per call (no num_frames, no negative prompt, `.images` -> T = 1)
+    still: bool = False  # one image per call (no num_frames, `.images` -> T = 1)
     vae: str | None = "AutoencoderKLWan"  # the VAE class diffusers' bf16 runs load in float32 (None: bf16)
+    negative: bool = True  # takes a negative prompt (FLUX.1's guidance is embedded: none)
+    guardrail: bool = False  # Cosmos: diffusers runs only with a safety checker, whose path rounds to 8 bits
 
 
 def _wan_latents(h: int, w: int, f: int) -> tuple[int, ...]:
@@ -293,10 +321,95 @@ def build_flux(folder: Path, alias: str, tiny: bool, device: torch.device) -> No
     pipe.save_pretrained(str(folder), safe_serialization=True)
 
 
+def pass_through_safety_checker():
+    """A stand-in for NVIDIA's guardrail (a separate package diffusers' Cosmos pipelines will not run
+    without): it passes every prompt and returns every frame unchanged, as diffusers' own tests do."""
+    from diffusers import ConfigMixin, ModelMixin
+
+    class PassThroughSafetyChecker(ModelMixin, ConfigMixin):
+        def __init__(self):
+            super().__init__()
+            # Something to report a device and dtype from: diffusers asks every component for them.
+            self.register_buffer("_anchor", torch.zeros(1), persistent=False)
+
+        def check_text_safety(self, prompt: str) -> bool:
+            return True
+
+        def check_video_safety(self, frames):
+            return frames
+
+    return PassThroughSafetyChecker()
+
+
+def _cosmos_model(alias: str) -> str:
+    """bench_cosmos' name of a catalog alias (its DiT preset, the size and VAE it runs at)."""
+    import bench_cosmos
+
+    return next(name for name, m in bench_cosmos.MODELS.items() if m.preset == alias)
+
+
+def build_cosmos(folder: Path, alias: str, tiny: bool, device: torch.device) -> None:
+    """A Cosmos-Predict2 Text2Image / Video2World or Cosmos-1.0 Text2World pipeline at its real
+    configuration (or bench_cosmos' tiny one), random weights, saved by diffusers' `save_pretrained` in
+    bf16 as on the Hub (tiny: fp32): the DiT, the T5-11B encoder, the Wan 2.1 VAE (Predict2) or the
+    Cosmos tokenizer (1.0); no safety checker component (dit_rt runs none, diffusers gets a stand-in)."""
+    import bench_cosmos
+    import diffusers
+    from transformers import T5Config, T5EncoderModel
+
+    name = _cosmos_model(alias)
+    transformer = bench_cosmos.hub_config(name, tiny)
+    t5 = dict(T5_11B)
+    if tiny:
+        t5 |= dict(vocab_size=128, d_model=transformer["text_embed_dim"], d_kv=16, d_ff=64, num_layers=2)
+        t5 |= dict(num_heads=4)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    with torch.device(device):
+        parts = dict(
+            transformer=randomize_(diffusers.CosmosTransformer3DModel(**transformer), 1).to(dtype),
+            text_encoder=randomize_(T5EncoderModel(T5Config(**t5)), 3).to(dtype),
+        )
+        if bench_cosmos.MODELS[name].vae == "cosmos":
+            vae = bench_cosmos.TINY_COSMOS_VAE if tiny else {}
+            parts["vae"] = randomize_(diffusers.AutoencoderKLCosmos(**vae), 2).to(dtype)
+            parts["scheduler"] = diffusers.EDMEulerScheduler(**COSMOS1_SCHEDULER)
+        else:
+            vae = bench_cosmos.TINY_WAN_VAE if tiny else WAN_VAE
+            parts["vae"] = randomize_(diffusers.AutoencoderKLWan(**vae), 2).to(dtype)
+            parts["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True)
+    cls = getattr(diffusers, family_of(alias).pipeline)
+    pipe = cls(tokenizer=small_t5_tokenizer(), safety_checker=pass_through_safety_checker(), **parts)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    # No safety checker component: the Hub repos name NVIDIA's package there, which diffusers would import
+    # even with a stand-in passed to `from_pretrained`; each diffusers run passes the stand-in instead.
+    shutil.rmtree(folder / "safety_checker", ignore_errors=True)
+    index = json.loads((folder / "model_index.json").read_text())
+    del index["safety_checker"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def _cosmos1_latents(h: int, w: int, f: int) -> tuple[int, ...]:
+    return (1, 16, (f - 1) // 8 + 1, h // 8, w // 8)  # the Cosmos tokenizer: 8x in time
+
+
 FAMILIES = {
     "wan-t2v": Family("WanPipeline", build_wan, _wan_latents),
     "wan-i2v": Family("WanImageToVideoPipeline", build_wan, _wan_latents, image=True),
-    "flux-t2i": Family("FluxPipeline", build_flux, _flux_latents, still=True, vae=None),
+    "flux-t2i": Family("FluxPipeline", build_flux, _flux_latents, still=True, vae=None, negative=False),
+    "cosmos-t2i": Family(
+        "Cosmos2TextToImagePipeline", build_cosmos, _wan_latents, still=True, vae=None, guardrail=True
+    ),
+    "cosmos-v2w": Family(
+        "Cosmos2VideoToWorldPipeline", build_cosmos, _wan_latents, image=True, vae=None, guardrail=True
+    ),
+    "cosmos-t2w": Family(
+        "CosmosTextToWorldPipeline", build_cosmos, _cosmos1_latents, vae=None, guardrail=True
+    ),
+}
+# Catalog entries whose family-task key above would pick the wrong pipeline: no builder yet.
+NOT_YET = {
+    "cosmos-predict2.5-2b": "Predict2.5's text stack is Qwen2.5-VL-7B (Cosmos-Reason1), not T5-11B: its "
+    "builder is not written yet",
 }
 
 
@@ -307,6 +420,8 @@ def family_of(alias: str) -> Family:
     if entry is None or not entry.implemented:
         raise SystemExit(f"--model {alias}: not an implemented catalog alias (`dit-rt models`)")
     key = f"{entry.family}-{entry.task}"
+    if entry.alias in NOT_YET:
+        raise SystemExit(f"--model {alias}: {NOT_YET[entry.alias]}")
     if key not in FAMILIES:
         raise SystemExit(f"--model {alias}: bench_e2e has no builder for {key} yet")
     return FAMILIES[key]
@@ -373,6 +488,8 @@ def diffusers_pipe(job: Job, name: str):
     if job.family.vae:  # Wan: the VAE in float32 beside a bf16 pipeline
         vae_cls = getattr(diffusers, job.family.vae)
         extra["vae"] = vae_cls.from_pretrained(job.folder / "vae", torch_dtype=torch.float32)
+    if job.family.guardrail:  # the Hub's entry names NVIDIA's package: a pass-through checker stands in
+        extra["safety_checker"] = pass_through_safety_checker()
     pipe = cls.from_pretrained(job.folder, torch_dtype=dtype, **extra).to(job.device)
     pipe.set_progress_bar_config(disable=True)
     if name == "diffusers-fp8":
@@ -382,33 +499,58 @@ def diffusers_pipe(job: Job, name: str):
         bf16 = lambda m, fqn: isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.bfloat16  # noqa: E731
         quantize_(pipe.transformer, config, filter_fn=bf16)  # not the fp32-kept time embedder
     if name in ("diffusers-compile", "diffusers-fp8"):
-        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        compile_blocks(pipe.transformer)
     if name == "cache-dit":
         import cache_dit
 
         cache_dit.enable_cache(pipe)
 
+    negative = dict(negative_prompt=job.negative) if job.family.negative else {}
+
     def generate(latents: torch.Tensor, steps: int) -> torch.Tensor:
         if job.family.still:
             out = pipe(
                 prompt=PROMPT,
+                **negative,
                 latents=latents.to(job.device),
                 num_inference_steps=steps,
                 output_type="pt",
+                generator=torch.Generator().manual_seed(SAMPLE_SEED),
                 **job.common(),
             ).images  # [B, C, H, W] in [0, 1]
             return out[0].permute(1, 2, 0).unsqueeze(0).float().cpu()  # one frame: [1, H, W, C]
         out = pipe(
             prompt=PROMPT,
-            negative_prompt=job.negative,
+            **negative,
             latents=latents.to(job.device),
             num_inference_steps=steps,
             output_type="pt",
+            generator=torch.Generator().manual_seed(SAMPLE_SEED),
             **job.common(),
         ).frames  # [B, T, C, H, W] in [0, 1]
         return out[0].permute(0, 2, 3, 1).float().cpu()
 
     return pipe, generate
+
+
+def compile_blocks(transformer) -> None:
+    """diffusers' regional compile: `compile_repeated_blocks`, or where the model names no repeated blocks
+    (Cosmos) the same by hand on its `_no_split_modules` blocks."""
+    if getattr(transformer, "_repeated_blocks", None):
+        transformer.compile_repeated_blocks(fullgraph=True)
+        return
+    kinds = set(transformer._no_split_modules or ())
+    blocks = [m for m in transformer.modules() if type(m).__name__ in kinds]
+    if not blocks:
+        raise RuntimeError(f"{type(transformer).__name__}: no repeated blocks to compile")
+    for block in blocks:
+        block.compile(fullgraph=True)
+
+
+def eight_bit(frames: torch.Tensor) -> torch.Tensor:
+    """Frames in [0, 1] through the 8-bit round trip of diffusers' Cosmos safety-checker path (clamp,
+    x 255, truncate to uint8, / 255), so that dit_rt's frames are compared with diffusers' like for like."""
+    return (frames.clamp(0, 1) * 255).to(torch.uint8).float() / 255
 
 
 DIT_RT_RUNS = {
@@ -429,13 +571,14 @@ def dit_rt_pipe(job: Job, name: str):
     def generate(latents: torch.Tensor, steps: int) -> torch.Tensor:
         out = pipe.generate(
             PROMPT,
-            None if job.family.still else job.negative,
+            job.negative if job.family.negative else None,
             latents=latents,
             num_inference_steps=steps,
+            seed=SAMPLE_SEED,
             progress_bar=False,
             **job.common(),
         )
-        return out.frames[0]
+        return eight_bit(out.frames[0]) if job.family.guardrail else out.frames[0]
 
     return pipe, generate
 
@@ -539,8 +682,10 @@ def diagnose(job: Job) -> dict:
 
     import dit_rt
 
-    if job.family.still:
-        raise SystemExit("--diagnose: Wan families only for now (FLUX.1: tools/bench_flux.py per component)")
+    if not job.family.pipeline.startswith("Wan"):
+        raise SystemExit(
+            "--diagnose: Wan families only for now (FLUX.1, Cosmos: bench_flux.py, bench_cosmos.py)"
+        )
 
     def rel(a, b):
         a, b = a.double().cpu(), b.double().cpu()
@@ -653,7 +798,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.ones(64, 64, device=device) @ torch.ones(64, 64, device=device)
         _sync(device)
     for name in names:
-        run(job, name, results)
+        try:
+            run(job, name, results)
+        except Exception as e:  # an alternative that cannot run this model (cache-dit, torchao) loses its row
+            print(f"{name}: failed, no row: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            _release(device)
     diag = diagnose(job) if a.diagnose else None
     rows = table(results, list(RUNS))
     if a.out:
