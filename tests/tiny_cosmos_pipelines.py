@@ -33,21 +33,11 @@ from tiny_cosmos import (
 from dit_rt.demo import randomize as _randomize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from bench_e2e import pass_through_safety_checker  # noqa: E402
-
-from dit_rt.demo import tokenizer_json
+from bench_e2e import pass_through_safety_checker, small_qwen_tokenizer  # noqa: E402
 
 GUARDRAIL_ENTRY = ["cosmos_guardrail", "CosmosSafetyChecker"]
 QWEN_HIDDEN, QWEN_LAYERS = 24, 2  # 2 x 24 = COSMOS_PREDICT25's crossattn_proj_in_channels (48)
 QWEN_WORDS = ("a", "the", "cat", "dog", "robot", "arm", "You", "are", "helpful", "assistant", "image")
-# Qwen2.5-VL's chat template for text-only messages (system message given: no default one is added).
-QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def _save(pipe, path: str | Path):
@@ -96,18 +86,7 @@ def make_cosmos2_v2w(path: str | Path):
 
 def make_qwen_tokenizer():
     """The demo's Unigram tokenizer with Qwen's chat markers and pad token added, and the chat template."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    spec = json.loads(tokenizer_json(QWEN_WORDS))
-    spec["post_processor"] = None  # chat-templated text is tokenized without added special tokens
-    tok = Tokenizer.from_str(json.dumps(spec))
-    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    out = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="<unk>"
-    )
-    out.chat_template = QWEN_CHAT_TEMPLATE
-    return out
+    return small_qwen_tokenizer(QWEN_WORDS)
 
 
 def make_qwen(vocab_size: int, seed: int = 33):

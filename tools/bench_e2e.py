@@ -39,7 +39,8 @@ ones, `cosmos-1.0-diffusion-7b-text2world`): the DiT at its real configuration, 
 refuse to run without NVIDIA's guardrail, so its runs get a pass-through stand-in, whose path rounds the
 frames to 8 bits; dit_rt's frames take the same rounding before they are compared. diffusers' Cosmos DiT
 imports torchvision. Real sizes are long (a guided 704x1280x93 step of the 2B model is ~7 s in diffusers):
-`--steps`, `--frames` and `--runs` keep a call short. Predict2.5 (Qwen2.5-VL text stack) has no builder yet.
+`--steps`, `--frames` and `--runs` keep a call short. Predict2.5 (`cosmos-predict2.5-2b`, Image2World from
+the test picture) has the Qwen2.5-VL-7B text stack at its real size.
 """
 
 from __future__ import annotations
@@ -143,6 +144,40 @@ T5_11B = dict(  # Cosmos' text encoder: google-t5/t5-11b's encoder (ReLU FFN, on
     UMT5_XXL, vocab_size=32128, d_model=1024, d_kv=128, d_ff=65536, num_heads=128, feed_forward_proj="relu",
     pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
 )  # fmt: skip
+QWEN25_VL_7B_TEXT = dict(  # Cosmos-Predict2.5's text stack: Cosmos-Reason1-7B = Qwen2.5-VL-7B's shape
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=128000,
+    rms_norm_eps=1e-6,
+    rope_parameters=dict(rope_type="default", mrope_section=[16, 24, 24], rope_theta=1e6),
+)
+QWEN25_VL_7B_VISION = dict(  # never run for text prompts, but part of the checkpoint diffusers loads
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    out_hidden_size=3584,
+    fullatt_block_indexes=[7, 15, 23, 31],
+)
+# Qwen2.5-VL's chat template for text-only messages (the pipeline gives a system message: no default one).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+COSMOS25_SCHEDULER = dict(  # Predict2.5: UniPC on Karras flow sigmas 200 -> 0.01
+    use_karras_sigmas=True,
+    use_flow_sigmas=True,
+    prediction_type="flow_prediction",
+    sigma_max=200.0,
+    sigma_min=0.01,
+)
 COSMOS1_SCHEDULER = dict(  # Cosmos-1.0-Diffusion-7B-Text2World scheduler_config.json (EDMEulerScheduler)
     sigma_min=0.002,
     sigma_max=80.0,
@@ -194,6 +229,33 @@ def small_clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
+def small_qwen_tokenizer(words=None):
+    """The demo's small Unigram tokenizer (`words`: its vocabulary) with Qwen's chat markers and pad token,
+    and the chat template: what Predict2.5's pipeline calls `apply_chat_template` on."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from dit_rt.demo import tokenizer_json
+
+    spec = json.loads(tokenizer_json(words) if words else tokenizer_json())
+    spec["post_processor"] = None  # chat-templated text is tokenized without added special tokens
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="<unk>"
+    )
+    out.chat_template = QWEN_CHAT_TEMPLATE
+    return out
+
+
+def qwen25_vl(text: dict, vision: dict, seed: int):
+    """A random Qwen2.5-VL (text stack + vision tower) of the given shapes."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, bos_token_id=0, eos_token_id=1)
+    return randomize_(Qwen2_5_VLForConditionalGeneration(config), seed)
+
+
 def small_t5_tokenizer():
     """`small_tokenizer` as the T5TokenizerFast of FLUX.1's tokenizer_2 (pad 0, eos 1)."""
     from transformers import T5TokenizerFast
@@ -212,7 +274,8 @@ class Family:
     still: bool = False  # one image per call (no num_frames, `.images` -> T = 1)
     vae: str | None = "AutoencoderKLWan"  # the VAE class diffusers' bf16 runs load in float32 (None: bf16)
     negative: bool = True  # takes a negative prompt (FLUX.1's guidance is embedded: none)
-    guardrail: bool = False  # Cosmos: diffusers runs only with a safety checker, whose path rounds to 8 bits
+    guardrail: bool = False  # Cosmos: diffusers runs only with a safety checker (a stand-in here)
+    eight_bit: bool = False  # ... whose path rounds the frames to 8 bits (Predict2, 1.0; not Predict2.5's)
 
 
 def _wan_latents(h: int, w: int, f: int) -> tuple[int, ...]:
@@ -359,26 +422,39 @@ def build_cosmos(folder: Path, alias: str, tiny: bool, device: torch.device) -> 
 
     name = _cosmos_model(alias)
     transformer = bench_cosmos.hub_config(name, tiny)
-    t5 = dict(T5_11B)
-    if tiny:
-        t5 |= dict(vocab_size=128, d_model=transformer["text_embed_dim"], d_kv=16, d_ff=64, num_layers=2)
-        t5 |= dict(num_heads=4)
     dtype = torch.float32 if tiny else torch.bfloat16
+    qwen = transformer["use_crossattn_projection"]  # Predict2.5: the Qwen2.5-VL stack, not T5-11B
+    tokenizer = small_qwen_tokenizer() if qwen else small_t5_tokenizer()
     with torch.device(device):
-        parts = dict(
-            transformer=randomize_(diffusers.CosmosTransformer3DModel(**transformer), 1).to(dtype),
-            text_encoder=randomize_(T5EncoderModel(T5Config(**t5)), 3).to(dtype),
-        )
+        parts = dict(transformer=randomize_(diffusers.CosmosTransformer3DModel(**transformer), 1).to(dtype))
+        if qwen:
+            text, vision = dict(QWEN25_VL_7B_TEXT), dict(QWEN25_VL_7B_VISION)
+            if tiny:  # 2 layers x 24 = the tiny DiT's crossattn_proj_in_channels (48)
+                text |= dict(vocab_size=len(tokenizer), hidden_size=24, intermediate_size=48)
+                text |= dict(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+                text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[2, 2, 2])
+                vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=24)
+                vision["fullatt_block_indexes"] = [0]
+            parts["text_encoder"] = qwen25_vl(text, vision, 3).to(dtype)
+        else:
+            t5 = dict(T5_11B)
+            if tiny:
+                t5 |= dict(vocab_size=128, d_model=transformer["text_embed_dim"], d_kv=16, d_ff=64)
+                t5 |= dict(num_layers=2, num_heads=4)
+            parts["text_encoder"] = randomize_(T5EncoderModel(T5Config(**t5)), 3).to(dtype)
         if bench_cosmos.MODELS[name].vae == "cosmos":
             vae = bench_cosmos.TINY_COSMOS_VAE if tiny else {}
             parts["vae"] = randomize_(diffusers.AutoencoderKLCosmos(**vae), 2).to(dtype)
             parts["scheduler"] = diffusers.EDMEulerScheduler(**COSMOS1_SCHEDULER)
         else:
             vae = bench_cosmos.TINY_WAN_VAE if tiny else WAN_VAE
-            parts["vae"] = randomize_(diffusers.AutoencoderKLWan(**vae), 2).to(dtype)
-            parts["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True)
+            parts["vae"] = randomize_(diffusers.AutoencoderKLWan(**vae), 2)  # float32, as on the Hub
+            if qwen:
+                parts["scheduler"] = diffusers.UniPCMultistepScheduler(**COSMOS25_SCHEDULER)
+            else:
+                parts["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True)
     cls = getattr(diffusers, family_of(alias).pipeline)
-    pipe = cls(tokenizer=small_t5_tokenizer(), safety_checker=pass_through_safety_checker(), **parts)
+    pipe = cls(tokenizer=tokenizer, safety_checker=pass_through_safety_checker(), **parts)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     # No safety checker component: the Hub repos name NVIDIA's package there, which diffusers would import
     # even with a stand-in passed to `from_pretrained`; each diffusers run passes the stand-in instead.
@@ -392,24 +468,24 @@ def _cosmos1_latents(h: int, w: int, f: int) -> tuple[int, ...]:
     return (1, 16, (f - 1) // 8 + 1, h // 8, w // 8)  # the Cosmos tokenizer: 8x in time
 
 
+PREDICT2 = dict(guardrail=True, eight_bit=True)  # and Cosmos-1.0
 FAMILIES = {
     "wan-t2v": Family("WanPipeline", build_wan, _wan_latents),
     "wan-i2v": Family("WanImageToVideoPipeline", build_wan, _wan_latents, image=True),
     "flux-t2i": Family("FluxPipeline", build_flux, _flux_latents, still=True, vae=None, negative=False),
     "cosmos-t2i": Family(
-        "Cosmos2TextToImagePipeline", build_cosmos, _wan_latents, still=True, vae=None, guardrail=True
+        "Cosmos2TextToImagePipeline", build_cosmos, _wan_latents, still=True, vae=None, **PREDICT2
     ),
     "cosmos-v2w": Family(
-        "Cosmos2VideoToWorldPipeline", build_cosmos, _wan_latents, image=True, vae=None, guardrail=True
+        "Cosmos2VideoToWorldPipeline", build_cosmos, _wan_latents, image=True, vae=None, **PREDICT2
     ),
-    "cosmos-t2w": Family(
-        "CosmosTextToWorldPipeline", build_cosmos, _cosmos1_latents, vae=None, guardrail=True
-    ),
+    "cosmos-t2w": Family("CosmosTextToWorldPipeline", build_cosmos, _cosmos1_latents, vae=None, **PREDICT2),
 }
-# Catalog entries whose family-task key above would pick the wrong pipeline: no builder yet.
-NOT_YET = {
-    "cosmos-predict2.5-2b": "Predict2.5's text stack is Qwen2.5-VL-7B (Cosmos-Reason1), not T5-11B: its "
-    "builder is not written yet",
+# Catalog entries whose family-task key above would pick the wrong pipeline.
+BY_ALIAS = {
+    "cosmos-predict2.5-2b": Family(
+        "Cosmos2_5_PredictBasePipeline", build_cosmos, _wan_latents, image=True, vae=None, guardrail=True
+    ),
 }
 
 
@@ -420,8 +496,8 @@ def family_of(alias: str) -> Family:
     if entry is None or not entry.implemented:
         raise SystemExit(f"--model {alias}: not an implemented catalog alias (`dit-rt models`)")
     key = f"{entry.family}-{entry.task}"
-    if entry.alias in NOT_YET:
-        raise SystemExit(f"--model {alias}: {NOT_YET[entry.alias]}")
+    if entry.alias in BY_ALIAS:
+        return BY_ALIAS[entry.alias]
     if key not in FAMILIES:
         raise SystemExit(f"--model {alias}: bench_e2e has no builder for {key} yet")
     return FAMILIES[key]
@@ -578,7 +654,7 @@ def dit_rt_pipe(job: Job, name: str):
             progress_bar=False,
             **job.common(),
         )
-        return eight_bit(out.frames[0]) if job.family.guardrail else out.frames[0]
+        return eight_bit(out.frames[0]) if job.family.eight_bit else out.frames[0]
 
     return pipe, generate
 
