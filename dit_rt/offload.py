@@ -150,7 +150,7 @@ class _Sync:
 @dataclass(eq=False)
 class _Slot:
     index: int
-    flat: torch.Tensor  # [max block bytes] uint8 on the device
+    flat: torch.Tensor | None  # [max block bytes] uint8 on the device; None while released
     ready: object  # event: the copy into this slot has landed
     free: object  # event: the compute that last read this slot has finished
     owner: int | None = None  # block index whose tensors point here
@@ -199,13 +199,10 @@ class BlockOffload:
             b.to(device)
         self.streamed = list(range(resident, len(blocks)))
         self.packed = {i: Packed(blocks[i], pin) for i in self.streamed}
-        size = max((p.nbytes for p in self.packed.values()), default=0)
+        self.slot_bytes = max((p.nbytes for p in self.packed.values()), default=0)
         n_slots = min(buffers, len(self.streamed))
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else _Sync()
-        self.slots = [
-            _Slot(k, torch.empty(size, dtype=torch.uint8, device=device), self._event(), self._event())
-            for k in range(n_slots)
-        ]
+        self.slots = [_Slot(k, self._slot_buffer(), self._event(), self._event()) for k in range(n_slots)]
         self.where: dict[int, _Slot] = {}
         self.copies = 0
         self.clock = 0
@@ -213,6 +210,9 @@ class BlockOffload:
 
     def _event(self):
         return torch.cuda.Event() if self.cuda else _Sync()
+
+    def _slot_buffer(self) -> torch.Tensor:
+        return torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
 
     def _compute_stream(self):
         return torch.cuda.current_stream(self.device) if self.cuda else _Sync()
@@ -232,6 +232,8 @@ class BlockOffload:
             self.packed[slot.owner].point(self.packed[slot.owner].host)
             del self.where[slot.owner]
         packed = self.packed[j]
+        if slot.flat is None:  # released: allocated again (on the compute stream, as at construction)
+            slot.flat = self._slot_buffer()
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(slot.free)  # the block that last used the slot is done
@@ -287,6 +289,16 @@ class BlockOffload:
         self.where.clear()
         for s in self.slots:
             s.owner = None
+
+    def release(self) -> None:
+        """Free the device slots until the next forward allocates them again. For a model run once per
+        request (FLUX.2's 24B text encoder: two 1.1 GB layer slots) the slots otherwise hold device memory
+        through the whole denoising loop."""
+        self.detach()
+        if self.cuda:  # a prefetch may still be writing a slot: later compute-stream allocations wait for it
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        for s in self.slots:
+            s.flat = None
 
 
 def leading_blocks_within(blocks: list[nn.Module], nbytes: int) -> int:

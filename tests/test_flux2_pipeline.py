@@ -188,10 +188,11 @@ def test_runtime_options_are_exact(flux2, options):
     path, _, pipe = flux2
     image = _image(64, 64, seed=6)
     baseline = pipe.generate(PROMPTS[0], image=image, progress_bar=False, **FEATURES)
-    out = dit_rt.load(str(path), device="cpu", **options).generate(
-        PROMPTS[0], image=image, progress_bar=False, **FEATURES
-    )
+    pipe2 = dit_rt.load(str(path), device="cpu", **options)
+    out = pipe2.generate(PROMPTS[0], image=image, progress_bar=False, **FEATURES)
     assert torch.equal(out.frames, baseline.frames)
+    if options.get("offload") == "block":  # the text encoder's layer slots freed once the prompt is encoded
+        assert all(slot.flat is None for slot in pipe2.text_offload.slots)
     if "cache" in options:
         assert (out.stats["computed"], out.stats["skipped"]) == (FEATURES["num_inference_steps"], 0)
 

@@ -35,6 +35,8 @@ def pair(reference, fmt=None):
 
 def slot_of(hook: BlockOffload, t: torch.Tensor) -> int | None:
     for k, s in enumerate(hook.slots):
+        if s.flat is None:  # released
+            continue
         start = s.flat.data_ptr()
         if start <= t.data_ptr() < start + s.flat.numel():
             return k
@@ -112,6 +114,25 @@ def test_prefetch_runs_ahead_and_never_evicts_the_running_block(reference):
     last_run_slot = [s for k, i, s in log if k == "run"][-1]
     assert [i for i, _ in copies[-2:]] == [0, 1]
     assert all(s != last_run_slot for _, s in copies[-2:])
+
+
+@torch.no_grad()
+def test_released_slots_are_freed_and_come_back(reference):
+    # a text encoder runs once per request: its slots are dropped after it, allocated again on the next run
+    plain, model = pair(reference)
+    hook = apply_offload(model, "block", device="cpu", resident=1, buffers=2)
+    x, t, ctx = inputs(grid=(2, 4, 4))
+    expected = plain(x, t, ctx)
+    assert torch.equal(model(x, t, ctx), expected)
+    hook.release()
+    assert all(s.flat is None for s in hook.slots) and not hook.where
+    for j in hook.streamed:  # every streamed block back on its host copy
+        host = hook.packed[j].host
+        start, end = host.data_ptr(), host.data_ptr() + host.numel()
+        assert all(start <= p.data_ptr() < end for p in model.blocks[j].parameters())
+    seen = watch(hook, model.blocks)
+    assert torch.equal(model(x, t, ctx), expected)
+    assert seen == list(range(LAYERS)) and all(s.flat.numel() == hook.slot_bytes for s in hook.slots)
 
 
 @torch.no_grad()

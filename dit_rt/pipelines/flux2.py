@@ -142,8 +142,9 @@ class Flux2Pipeline(Pipeline):
         self.text_encoder = self.build_text_encoder(build, "text_encoder", None, options.linear_format)
         self.build_vae(build)
         self.build_transformer(build)
+        self.text_offload = None
         if options.offload == "block":  # the text encoder streams its blocks like the transformer
-            apply_offload(self.text_encoder, "block", device=self.device)
+            self.text_offload = apply_offload(self.text_encoder, "block", device=self.device)
             self.offload_components(self.vae)
         else:
             self.offload_components(self.text_encoder, self.vae)
@@ -172,6 +173,8 @@ class Flux2Pipeline(Pipeline):
         ids, mask = self.tokenizer.encode([p.replace("[IMG]", "") for p in prompts], max_sequence_length)
         with self.offload.use(self.text_encoder):
             states = self.text_encoder(ids.to(self.device), mask.to(self.device))
+        if self.text_offload is not None:  # its layer slots are not needed again until the next prompt
+            self.text_offload.release()
         txt_ids = torch.zeros(states.shape[1], 4, device=self.device, dtype=self.dtype)
         txt_ids[:, 3] = torch.arange(states.shape[1], device=self.device)
         return states.to(self.dtype), txt_ids
