@@ -57,9 +57,10 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", choices=["block", "model"], help="CPU offload mode (default: none)")
     p.add_argument(
         "--offload-resident-gib",
-        type=float,
+        type=_gib_or_auto,
         metavar="G",
-        help="--offload block: keep the leading transformer blocks that fit G GiB on the GPU (fewer copies)",
+        help="--offload block: keep the leading transformer blocks that fit G GiB on the GPU (fewer copies); "
+        "'auto': as many as the card's free memory holds",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the block stack from CUDA graphs")
@@ -296,6 +297,15 @@ def cmd_demo(a: argparse.Namespace) -> int:
     size = f"{DEMO_SIZE * a.scale} px, {DEMO_FRAMES} frames"
     print("wrote " + ", ".join(str(p) for p in written) + f" ({size})")
     return 0
+
+
+def _gib_or_auto(value: str):
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of GiB or 'auto'") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ check keeps `RESERVE` free for them.
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,8 +25,12 @@ from pathlib import Path
 
 import torch
 
+log = logging.getLogger("dit_rt")
 GiB = 2**30
 RESERVE = 4 * GiB  # activations, workspaces and the CUDA context, beyond the weights
+# resident_gib="auto" leaves this much more free: FLUX.2-dev at 1024x1024 under block offload peaked 3.5 GiB
+# above its weights, and the allocator's cache held ~1.8 GiB more (H200, BENCHMARKS.md)
+AUTO_MARGIN = 4 * GiB
 HOST_RESERVE = 8 * GiB  # under offload: the process, one block loaded and not yet page-locked, the page cache
 # bytes per element of a quantized linear weight (scales are negligible)
 FORMAT_BYTES = {
@@ -151,9 +156,14 @@ def check_fits(
     that would; under offload=, also when the host cannot hold the offloaded weights (`host_available`,
     default: MemAvailable, capped by a container's limit) less HOST_RESERVE. Nothing to check off CUDA, or
     under parallel= (FSDP shards and parallel layouts have their own sizes)."""
+    from dit_rt.runtime import AUTO_RESIDENT
+
     device = options.device
+    auto = options.offload == "block" and options.offload_resident == AUTO_RESIDENT
     if available is None:
         if device.type != "cuda" or options.parallel is not None:
+            if auto:  # no card to size it against
+                options.offload_resident = 0
             return
         available = free_bytes(device)
     budget = available - RESERVE
@@ -162,6 +172,13 @@ def check_fits(
         kw = dict(linear=options.linear_format, offload=options.offload, resident=options.offload_resident)
         kw |= changes
         return weights_on_gpu(folder, components, options.dtype, quantized=quantized, streamed=streamed, **kw)
+
+    if auto:
+        options.offload_resident = _most_resident(lambda r: need(resident=r)[0], budget - AUTO_MARGIN)
+        log.info(
+            "offload resident_gib='auto': %.1f GiB of leading blocks stay on %s (%.1f GiB free)",
+            options.offload_resident / GiB, device, available / GiB,
+        )  # fmt: skip
 
     peak, sizes = need()
     if peak <= budget:
@@ -194,6 +211,21 @@ def check_fits(
         f"linear={options.linear!r}, offload={options.offload!r}{kept} (GiB: {parts}), plus "
         f"~{RESERVE / GiB:.0f} GiB for activations; the card has {available / GiB:.1f} GiB free{hint}"
     )
+
+
+def _most_resident(peak: Callable[[int], int], budget: int) -> int:
+    """The most bytes of kept blocks whose peak stays within budget (peak grows with it; 0 if none fits)."""
+    lo, hi = 0, max(budget, 0)
+    if peak(0) > budget:
+        return 0
+    while lo < hi:  # the largest r with peak(r) <= budget
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if peak(mid) <= budget else (lo, mid - 1)
+    top, lo, hi = peak(lo), 0, lo
+    while lo < hi:  # past the model's blocks the peak stops growing: the smallest r reaching the same peak
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if peak(mid) >= top else (mid + 1, hi)
+    return lo
 
 
 MEMINFO = "/proc/meminfo"

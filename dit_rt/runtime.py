@@ -18,9 +18,14 @@ DTYPES = {
 }
 
 
+AUTO_RESIDENT = -1  # offload_resident: as many leading blocks as the card holds (resident_gib="auto")
+
+
 def parse_offload(offload) -> tuple[str | None, int]:
     """offload= as (mode, resident bytes): "block" / "model" / None, or dict(name="block", resident_gib=G),
-    which keeps the leading blocks that fit G GiB on the device for good and streams the rest."""
+    which keeps the leading blocks that fit G GiB on the device for good and streams the rest;
+    resident_gib="auto" keeps as many as the card's free memory holds (AUTO_RESIDENT, resolved by the
+    memory check before loading)."""
     from dit_rt.offload import OFFLOAD_MODES
 
     resident = 0
@@ -29,11 +34,13 @@ def parse_offload(offload) -> tuple[str | None, int]:
         if offload.get("name") != "block" or extra:
             raise ValueError(
                 f"offload={offload!r}: a dict takes name='block' and resident_gib= (GiB of blocks kept on "
-                "the GPU), e.g. dict(name='block', resident_gib=24)"
+                "the GPU, or 'auto'), e.g. dict(name='block', resident_gib=24)"
             )
         gib = offload.get("resident_gib", 0)
+        if gib == "auto":
+            return "block", AUTO_RESIDENT
         if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 <= gib < 2**20:
-            raise ValueError(f"offload resident_gib={gib!r} must be a number of GiB >= 0")
+            raise ValueError(f"offload resident_gib={gib!r} must be a number of GiB >= 0, or 'auto'")
         offload, resident = "block", int(gib * 2**30)
     if offload not in (None, *OFFLOAD_MODES):
         raise ValueError(f"offload={offload!r} is unknown; choose one of: {', '.join(OFFLOAD_MODES)}")

@@ -465,6 +465,8 @@ def test_cli_offload_resident_flag(tiny, tmp_path, capsys):
     base = ["generate", "--model", "m", "--prompt", "p", "-o", "x.gif", "--offload"]
     a = build_parser().parse_args([*base, "block", "--offload-resident-gib", "1.5"])
     assert _runtime_options(a)["offload"] == dict(name="block", resident_gib=1.5)
+    a = build_parser().parse_args([*base, "block", "--offload-resident-gib", "auto"])
+    assert _runtime_options(a)["offload"] == dict(name="block", resident_gib="auto")
     assert _runtime_options(build_parser().parse_args([*base, "model"]))["offload"] == "model"
     rc = main(
         ["generate", "--model", str(tiny), "--prompt", "x", *SMALL, "-o", str(tmp_path / "x.gif")]
@@ -473,3 +475,9 @@ def test_cli_offload_resident_flag(tiny, tmp_path, capsys):
     assert rc == 2 and "--offload-resident-gib needs --offload block" in _one_line_error(
         capsys.readouterr().err
     )
+    out = tmp_path / "auto.gif"  # on the CPU "auto" has no card to size against: nothing kept, still runs
+    rc = main(
+        ["generate", "--model", str(tiny), "--prompt", "x", *SMALL, "-o", str(out), "--offload", "block"]
+        + ["--offload-resident-gib", "auto"]
+    )
+    assert rc == 0 and out.is_file()

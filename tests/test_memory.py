@@ -71,6 +71,35 @@ def test_resident_blocks_are_counted(tmp_path):
     assert "offload='block' without resident_gib (~" in str(e.value)
 
 
+def test_auto_resident_keeps_what_the_card_holds(tmp_path, caplog):
+    import logging
+
+    from dit_rt.runtime import AUTO_RESIDENT
+
+    folder, comps = _folder(tmp_path)
+    blk, proj = 1024 * 1024 * 2 + 1024 * 2, 1024 * 64 * 2
+
+    def options():
+        opts = RuntimeOptions.create(
+            device="cpu", dtype=torch.bfloat16, offload=dict(name="block", resident_gib="auto")
+        )
+        assert opts.offload_resident == AUTO_RESIDENT
+        return opts
+
+    streamed = 2 * blk + proj  # the transformer's non-block part and two slots
+    for room, kept in ((streamed + blk + blk // 2, blk + blk // 2), (10 * blk, 4 * blk), (streamed, 0)):
+        opts = options()
+        card = memory.RESERVE + memory.AUTO_MARGIN + room
+        with caplog.at_level(logging.INFO, logger="dit_rt"):
+            memory.check_fits(folder, comps, opts, name="tiny", available=card, host_available=2**40)
+        assert opts.offload_resident == kept  # bytes; offload keeps the whole blocks within them
+        assert f"{kept / memory.GiB:.1f} GiB of leading blocks" in caplog.text
+    # with no card to size against (CPU), nothing is kept
+    opts = options()
+    memory.check_fits(folder, comps, opts, name="tiny")
+    assert opts.offload_resident == 0
+
+
 def test_error_names_the_options_that_fit(tmp_path):
     folder, comps = _folder(tmp_path)
     opts = RuntimeOptions.create(device="cpu", dtype=torch.bfloat16)

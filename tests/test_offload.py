@@ -12,7 +12,7 @@ import torch
 from dit_rt.cache import apply_cache, cache_reset
 from dit_rt.offload import BlockOffload, ComponentOffload, Packed, apply_offload, leading_blocks_within
 from dit_rt.ops.linear import quantize_
-from dit_rt.runtime import RuntimeOptions, parse_offload
+from dit_rt.runtime import AUTO_RESIDENT, RuntimeOptions, parse_offload
 from tests.test_wan_transformer import from_reference, inputs
 from tests.tiny_checkpoints import make_wan_transformer
 
@@ -250,6 +250,7 @@ def test_resident_budget_keeps_the_leading_blocks(reference):
 def test_offload_option_parsing():
     assert parse_offload(None) == (None, 0) and parse_offload("model") == ("model", 0)
     assert parse_offload(dict(name="block", resident_gib=1.5)) == ("block", int(1.5 * 2**30))
+    assert parse_offload(dict(name="block", resident_gib="auto")) == ("block", AUTO_RESIDENT)
     opts = RuntimeOptions.create(device="cpu", offload=dict(name="block", resident_gib=2))
     assert opts.offload == "block" and opts.offload_resident == 2 * 2**30
     for bad, match in (
