@@ -196,9 +196,12 @@ def check_fits(
             continue  # what the user already chose
         p, _ = need(**changes)
         if p <= budget:
-            if options.offload_resident and changes.get("resident") == 0:
-                label += " without resident_gib"
-            alternatives.append(f"{label} (~{p / GiB:.1f} GiB)")
+            more = ""
+            if changes.get("resident") == 0:
+                if options.offload_resident:
+                    label += " without resident_gib"
+                more = "; with resident_gib='auto' as many blocks as fit stay on the card"
+            alternatives.append(f"{label} (~{p / GiB:.1f} GiB{more})")
     parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in sizes.items())
     hint = (
         "; options that fit: " + ", ".join(alternatives)

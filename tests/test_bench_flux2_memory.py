@@ -46,6 +46,6 @@ def test_sparse_files_are_holes_that_read_as_zeros(tmp_path):
 
 def test_tiny_runs_through_dit_rt_load(tmp_path, capsys):
     rows = bench.main(["--tiny", "--device", "cpu", "--steps", "1", "--workdir", str(tmp_path)])
-    assert [r["run"] for r in rows] == ["fp8", "offload", "offload-resident", "resident"]
+    assert [r["run"] for r in rows] == ["fp8", "offload", "offload-resident", "offload-auto", "resident"]
     assert all("error" not in r and r["image"] == [1, 1, 64, 64, 3] for r in rows), rows
     assert "| offload |" in capsys.readouterr().out

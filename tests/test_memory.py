@@ -111,6 +111,7 @@ def test_error_names_the_options_that_fit(tmp_path):
     msg = str(e.value)
     assert "tiny needs ~" in msg and "(GiB: transformer 0.0, text_encoder 0.0, vae 0.0)" in msg
     assert "linear='fp8-per-tensor' (~" in msg and "offload='model' (~" in msg and "offload='block' (~" in msg
+    assert "GiB; with resident_gib='auto' as many blocks as fit stay on the card)" in msg
     memory.check_fits(folder, comps, opts, name="tiny", available=memory.RESERVE + 16 * MiB)  # fits: no error
     with pytest.raises(MemoryError, match="no single option fits"):
         memory.check_fits(folder, comps, opts, name="tiny", available=memory.RESERVE + 1024)

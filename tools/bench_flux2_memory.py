@@ -15,6 +15,8 @@ Runs, each in a fresh process (peaks from a clean allocator), the same prompt an
 - offload: bf16 with `offload="block"` (transformer and text encoder); target peak <= 40 GiB at <= 1.3x
   the resident run's generate time;
 - offload-resident: the same with `resident_gib=32` (the leading blocks that fit stay on the GPU);
+- offload-auto: `resident_gib="auto"` (as many leading blocks as the card's free memory holds; on an 80 GB
+  card the whole transformer);
 - resident: bf16, everything on the GPU (the time baseline; needs ~100 GiB).
 Peak = torch's max reserved bytes over load + generate; host peak = the process's max RSS (pinned blocks
 included); load and generate seconds apart.
@@ -49,6 +51,9 @@ RUNS = {
     # the 8 double and the first 19 single blocks stay (31.9 GiB); 29 single blocks (26.5 GiB) stream per
     # step, ~0.56 s at ~50 GB/s against ~0.45 s of compute; weights on the GPU ~35.5 GiB
     "offload-resident": dict(offload=dict(name="block", resident_gib=32)),
+    # as many leading blocks as the card holds: on an 80 GB card the whole transformer, the text encoder
+    # streamed once per prompt (the bf16 run that fits an H100 at near-resident speed)
+    "offload-auto": dict(offload=dict(name="block", resident_gib="auto")),
     "resident": dict(),
 }
 TARGET_GIB = {"fp8": 72, "offload": 40, "offload-resident": 40}
