@@ -232,11 +232,15 @@ class BlockOffload:
             self.packed[slot.owner].point(self.packed[slot.owner].host)
             del self.where[slot.owner]
         packed = self.packed[j]
-        if slot.flat is None:  # released: allocated again (on the compute stream, as at construction)
+        fresh = slot.flat is None
+        if fresh:  # released: allocated again (on the compute stream, as at construction)
             slot.flat = self._slot_buffer()
         if self.cuda:
+            compute = self._compute_stream()
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(slot.free)  # the block that last used the slot is done
+                if fresh:  # the memory may have been freed by compute-stream work still queued
+                    self.copy_stream.wait_stream(compute)
                 slot.flat[: packed.nbytes].copy_(packed.host, non_blocking=True)
                 slot.ready.record(self.copy_stream)
         else:
@@ -299,6 +303,18 @@ class BlockOffload:
             torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
         for s in self.slots:
             s.flat = None
+
+
+def release_slots(models) -> None:
+    """`release()` the block offload of each model (None skipped): between the denoising loop and the VAE
+    decode their slots would otherwise sit idle on the device (the next forward allocates them again)."""
+    for model in models:
+        if model is None:
+            continue
+        for runner in stack_runners(model):
+            for hook in runner.block_hooks:
+                if isinstance(hook, BlockOffload):
+                    hook.release()
 
 
 def leading_blocks_within(blocks: list[nn.Module], nbytes: int) -> int:

@@ -509,6 +509,10 @@ class Pipeline:
                 if r.callback is not None:
                     r.callback(i, t, latents)  # under data parallel: this dp group's part of the batch
         stats = cache_stats(self.transformers)
+        if self.options.offload == "block":  # the streaming slots are idle until the next generate
+            from dit_rt.offload import release_slots
+
+            release_slots(self.transformers)
 
         out = dict(fps=r.fps, stats=stats, seed=metadata.get("seed"), metadata=metadata)
         if r.output_type == "latents":

@@ -12,6 +12,7 @@ import torch
 
 import dit_rt
 from dit_rt.pipelines.flux2 import compute_empirical_mu
+from dit_rt.runner import stack_runners
 from tests.tiny_flux2 import FLUX2_TRANSFORMER, make_flux2
 
 PROMPTS = ["a red cat baking a cake", "the dog on a photo"]
@@ -191,8 +192,12 @@ def test_runtime_options_are_exact(flux2, options):
     pipe2 = dit_rt.load(str(path), device="cpu", **options)
     out = pipe2.generate(PROMPTS[0], image=image, progress_bar=False, **FEATURES)
     assert torch.equal(out.frames, baseline.frames)
-    if options.get("offload") == "block":  # the text encoder's layer slots freed once the prompt is encoded
-        assert all(slot.flat is None for slot in pipe2.text_offload.slots)
+    if options.get("offload") == "block":  # the text encoder's layer slots freed once the prompt is encoded,
+        assert all(slot.flat is None for slot in pipe2.text_offload.slots)  # the transformer's after the loop
+        hooks = [h for r in stack_runners(pipe2.transformer) for h in r.block_hooks]
+        assert hooks and all(slot.flat is None for h in hooks for slot in h.slots)
+        again = pipe2.generate(PROMPTS[0], image=image, progress_bar=False, **FEATURES)
+        assert torch.equal(again.frames, baseline.frames)  # slots allocated again
     if "cache" in options:
         assert (out.stats["computed"], out.stats["skipped"]) == (FEATURES["num_inference_steps"], 0)
 
