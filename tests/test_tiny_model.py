@@ -211,6 +211,23 @@ def test_latent_pool_refreshes_in_chunks_at_the_set_rate():
     assert all(not torch.equal(pool.latents[i], before[0][i]) for i in range(4, 8))
 
 
+def test_fit_steps_times_both_stages_and_refuses_a_budget_spent_on_timing(tmp_path):
+    import argparse
+
+    a = argparse.Namespace(
+        seed=0, vae_batch=1, vae_frames=5, dit_batch=2, refresh=8, compile=False, out=str(tmp_path)
+    )
+    vae, transformer, text = train_tiny.build(0)
+    logged = []
+    a.fit_minutes = 2.0
+    vae_steps, dit_steps = train_tiny.fit_steps(a, vae, transformer, text, torch.device("cpu"), logged.append)
+    assert vae_steps > 0 and dit_steps > 0
+    assert f"--vae-steps {vae_steps} --dit-steps {dit_steps}" in logged[-1]
+    a.fit_minutes = 0.05  # 3 s: less than the timing itself takes
+    with pytest.raises(SystemExit, match="leaves no time to train"):
+        train_tiny.fit_steps(a, vae, transformer, text, torch.device("cpu"), logged.append)
+
+
 def test_vae_loss_matches_its_noise_shape_and_trains():
     vae, _, _ = train_tiny.build(0)
     _, x = train_tiny.batch(torch.Generator().manual_seed(0), 2, 9)

@@ -365,12 +365,13 @@ def fit_steps(a, vae, transformer, text, device, log) -> tuple[int, int]:
     tok = T5Tokenizer.from_folder(tok_dir)
     v.requires_grad_(False)
     pool = LatentPool(v, g, device, 64, a.refresh, FRAMES)
+    refresh_every = pool.chunk // a.refresh if a.refresh else 8  # steps between two encoder passes
     dit_s, dit_warm = seconds_per_step(
         lambda n: list(train_dit(pool, tr, te, tok, g, device, n, a.dit_batch, quiet, 0, a.compile)),
         # the warm-up includes a pool refresh: the encoder's first pass at the chunk's batch size is slow
         # (cuDNN picks its kernels), and counted in the timed steps it doubled the estimate on an H200
-        n=4 * (pool.chunk // max(1, a.refresh)),
-        warm=pool.chunk // max(1, a.refresh) + 1,
+        n=4 * refresh_every,
+        warm=refresh_every + 1,
     )
     spent = time.perf_counter() - start
     # margin: latent statistics, the pool, saving
