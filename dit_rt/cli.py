@@ -177,10 +177,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def _report(out) -> None:
-    """The seed always (it is needed to reproduce the output); the step cache's counters with -v."""
+    """The seed always (it is needed to reproduce the output); the phases' times and the step cache's
+    counters with -v."""
     print(f"seed: {out.seed}")
+    log = logging.getLogger("dit_rt")
+    if out.timings:
+        log.info("time: %s", ", ".join(f"{k} {v:.2f} s" for k, v in out.timings.items()))
     if out.stats:
-        logging.getLogger("dit_rt").info("stats: %s", ", ".join(f"{k} {v}" for k, v in out.stats.items()))
+        log.info("stats: %s", ", ".join(f"{k} {v}" for k, v in out.stats.items()))
 
 
 def cmd_models(a: argparse.Namespace) -> int:

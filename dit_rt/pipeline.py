@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import time
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -28,6 +29,19 @@ from typing import Any, NamedTuple
 import torch
 
 from dit_rt import checks
+
+
+class _PhaseClock:
+    """Wall seconds between laps, the device synchronized at each (the work a phase queued is its own)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.laps, self.t = device, {}, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.laps[name], self.t = now - self.t, now
 
 
 @dataclass
@@ -42,6 +56,8 @@ class GenerationOutput:
               the caller passed `latents`.
     metadata: what produced the output (prompt, seed, model, sizes, steps, guidance, runtime options);
               `save` writes it into the file.
+    timings:  seconds of each phase, the device synchronized at their ends: "text" (prompt encoding),
+              "steps" (the denoising loop, latent preparation included), "decode" (VAE, frames to the host).
     """
 
     frames: torch.Tensor
@@ -50,6 +66,7 @@ class GenerationOutput:
     stats: dict = field(default_factory=dict)
     seed: int | None = None
     metadata: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
 
     def save(
         self, path: str | Path, *, index: int = 0, fps: int | None = None, metadata: dict | None = None
@@ -458,6 +475,7 @@ class Pipeline:
                 "cfg=1"
             )
         metadata = r.metadata
+        clock = _PhaseClock(self.device)
         # Data parallel: this dp group's part of the batch (everything in one process).
         prompts = split_batch(r.prompts, dp_group)
         negatives = split_batch(r.negatives, dp_group) if do_cfg else None
@@ -467,6 +485,7 @@ class Pipeline:
         else:
             cond = self.encode_prompt(prompts, **r.encode)
             uncond = self.encode_prompt(negatives, **r.encode) if do_cfg else None
+        clock.lap("text")
 
         latents = r.latents
         if latents is None:
@@ -513,11 +532,13 @@ class Pipeline:
             from dit_rt.offload import release_slots
 
             release_slots(self.transformers)
+        clock.lap("steps")
 
-        out = dict(fps=r.fps, stats=stats, seed=metadata.get("seed"), metadata=metadata)
+        out = dict(fps=r.fps, stats=stats, seed=metadata.get("seed"), metadata=metadata, timings=clock.laps)
         if r.output_type == "latents":
             return GenerationOutput(torch.empty(0), gather_batch(latents, dp_group, batch), **out)
         frames = gather_batch(self.decode_latents(latents), dp_group, batch).cpu()
+        clock.lap("decode")
         latents = gather_batch(latents, dp_group, batch)
         return GenerationOutput(frames=frames, latents=latents, **out)
 

@@ -27,6 +27,9 @@ def test_bench_e2e_tiny(tmp_path, model):
     assert 0 < by_run["exact"]["rel_l2"] < 1e-4 and by_run["exact"]["psnr_db"] > 80
     assert len(by_run["exact"]["rel_l2_per_seed"]) == 2
     assert by_run["ref"]["rel_l2"] is None and by_run["exact"]["median_s"] > 0
+    phases = by_run["exact"]["phases_s"]  # dit_rt's generate, split: diffusers' has no such split
+    assert set(phases) == {"text", "steps", "decode"} and by_run["diffusers"]["phases_s"] is None
+    assert 0 < sum(phases.values()) <= by_run["exact"]["median_s"]
     assert json.loads(out.read_text())["runs"][0]["run"] == "ref"
 
 

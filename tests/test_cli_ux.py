@@ -400,6 +400,7 @@ def test_verbose_logs_backend_and_times(tiny, tmp_path, capsys, monkeypatch, whe
     err = capsys.readouterr().err
     assert "attention backend: sdpa" in err
     assert re.search(r"loaded .* in \d+\.\d s", err) and re.search(r"generated in \d+\.\d s", err)
+    assert re.search(r"time: text \d+\.\d\d s, steps \d+\.\d\d s, decode \d+\.\d\d s", err)
 
 
 def test_quiet_by_default(tiny, tmp_path, capsys):

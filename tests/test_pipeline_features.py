@@ -66,3 +66,10 @@ def test_offload_gives_the_same_output(tiny, baseline, mode):
 def test_option_errors(tiny, options, match):
     with pytest.raises(ValueError, match=match):
         dit_rt.load(tiny, device="cpu", **options)
+
+
+def test_timings_split_the_generation_into_phases(tiny, baseline):
+    t = baseline.timings
+    assert list(t) == ["text", "steps", "decode"] and all(v > 0 for v in t.values())
+    out = dit_rt.load(tiny, device="cpu").generate("a cat", output_type="latents", **KW)
+    assert list(out.timings) == ["text", "steps"]  # no decode asked for

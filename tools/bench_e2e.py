@@ -654,6 +654,7 @@ def dit_rt_pipe(job: Job, name: str):
             progress_bar=False,
             **job.common(),
         )
+        generate.timings = out.timings  # the phases of the latest call (text, steps, decode)
         return eight_bit(out.frames[0]) if job.family.eight_bit else out.frames[0]
 
     return pipe, generate
@@ -686,7 +687,7 @@ def run(job: Job, name: str, results: Path) -> dict:
         generate(job.latents(job.seeds[0] + 1000), min(2, job.steps))
     _sync(job.device)
     warmup_s = time.perf_counter() - t0
-    times = []
+    times, phases = [], []
     for seed in job.seeds:
         latents = job.latents(seed)
         _sync(job.device)
@@ -694,6 +695,7 @@ def run(job: Job, name: str, results: Path) -> dict:
         frames = generate(latents, job.steps)
         _sync(job.device)
         times.append(time.perf_counter() - t0)
+        phases.append(getattr(generate, "timings", None))
         torch.save(frames.contiguous(), results / f"{name}.seed{seed}.pt")
     peak = torch.cuda.max_memory_allocated(job.device) / 2**30 if job.device.type == "cuda" else None
     record = dict(
@@ -702,13 +704,19 @@ def run(job: Job, name: str, results: Path) -> dict:
         warmup_s=warmup_s,
         times_s=times,
         median_s=statistics.median(times),
+        # dit_rt's runs: median seconds of each phase of generate (text encoding, steps, decode)
+        phases_s={k: statistics.median(p[k] for p in phases) for k in phases[0]} if phases[0] else None,
         peak_gib=peak,
         seeds=job.seeds,
     )
     (results / f"{name}.json").write_text(json.dumps(record, indent=1))
     del pipe, generate
     _release(job.device)
-    print(f"{name}: load {load_s:.1f} s, warm-up {warmup_s:.1f} s, generate {record['median_s']:.2f} s")
+    split = record["phases_s"]
+    split = " (" + ", ".join(f"{k} {v:.2f}" for k, v in split.items()) + ")" if split else ""
+    print(
+        f"{name}: load {load_s:.1f} s, warm-up {warmup_s:.1f} s, generate {record['median_s']:.2f} s{split}"
+    )
     return record
 
 
