@@ -46,6 +46,7 @@ the test picture) has the Qwen2.5-VL-7B text stack at its real size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -404,6 +405,17 @@ def pass_through_safety_checker():
     return PassThroughSafetyChecker()
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Modules built inside take `dtype` for their parameters."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
 def _cosmos_model(alias: str) -> str:
     """bench_cosmos' name of a catalog alias (its DiT preset, the size and VAE it runs at)."""
     import bench_cosmos
@@ -425,8 +437,10 @@ def build_cosmos(folder: Path, alias: str, tiny: bool, device: torch.device) -> 
     dtype = torch.float32 if tiny else torch.bfloat16
     qwen = transformer["use_crossattn_projection"]  # Predict2.5: the Qwen2.5-VL stack, not T5-11B
     tokenizer = small_qwen_tokenizer() if qwen else small_t5_tokenizer()
-    with torch.device(device):
-        parts = dict(transformer=randomize_(diffusers.CosmosTransformer3DModel(**transformer), 1).to(dtype))
+    # The DiT and the text encoder are built in their storage dtype: a 14B DiT built in float32 and then
+    # cast would need 84 GB at once.
+    with torch.device(device), default_dtype(dtype):
+        parts = dict(transformer=randomize_(diffusers.CosmosTransformer3DModel(**transformer), 1))
         if qwen:
             text, vision = dict(QWEN25_VL_7B_TEXT), dict(QWEN25_VL_7B_VISION)
             if tiny:  # 2 layers x 24 = the tiny DiT's crossattn_proj_in_channels (48)
@@ -435,13 +449,14 @@ def build_cosmos(folder: Path, alias: str, tiny: bool, device: torch.device) -> 
                 text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[2, 2, 2])
                 vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=24)
                 vision["fullatt_block_indexes"] = [0]
-            parts["text_encoder"] = qwen25_vl(text, vision, 3).to(dtype)
+            parts["text_encoder"] = qwen25_vl(text, vision, 3)
         else:
             t5 = dict(T5_11B)
             if tiny:
                 t5 |= dict(vocab_size=128, d_model=transformer["text_embed_dim"], d_kv=16, d_ff=64)
                 t5 |= dict(num_layers=2, num_heads=4)
-            parts["text_encoder"] = randomize_(T5EncoderModel(T5Config(**t5)), 3).to(dtype)
+            parts["text_encoder"] = randomize_(T5EncoderModel(T5Config(**t5)), 3)
+    with torch.device(device):
         if bench_cosmos.MODELS[name].vae == "cosmos":
             vae = bench_cosmos.TINY_COSMOS_VAE if tiny else {}
             parts["vae"] = randomize_(diffusers.AutoencoderKLCosmos(**vae), 2).to(dtype)
