@@ -66,6 +66,11 @@ def modes(device: str, smoke: bool, only: str = "") -> dict[str, dict]:
         m[f"fbcache {t}"] = dict(cache=dict(kind="fbcache", threshold=t))
     if not smoke:
         m["svg"] = dict(attention=dict(name="svg", dense="sdpa"))
+        # The defaults run dense at this 3 x 4 x 4 latent grid (one 2048-token chunk holds it all): chunks of
+        # one frame (16 tokens) make the band sparse, the nearest thing to real sizes this model allows.
+        for budget in (0.5, 0.34):
+            svg = dict(name="svg", dense="sdpa", chunk=16, budget=budget)
+            m[f"svg chunk 16, budget {budget}"] = dict(attention=svg)
         m["ulysses 2"] = dict(parallel=dict(ulysses=2))
         m["ring 2"] = dict(parallel=dict(ring=2))
     if device.startswith("cuda"):
