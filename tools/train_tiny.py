@@ -178,6 +178,7 @@ def vae_decode(vae, z: torch.Tensor) -> torch.Tensor:
 
 
 def latent_shape(vae, x: torch.Tensor) -> tuple[int, ...]:
+    """The posterior's shape [B, Z, T', h, w] for clips x [B, 3, T, H, W] (the latent noise is drawn in it)."""
     c = vae.config
     b, _, t, h, w = x.shape
     sp = c.scale_factor_spatial
@@ -201,6 +202,7 @@ def optimizer(params, device, **kw) -> torch.optim.AdamW:
 
 
 def compiled(fn, on: bool):
+    """fn, or fn compiled with static shapes (each stage's step keeps one shape)."""
     return torch.compile(fn, dynamic=False) if on else fn
 
 
@@ -275,6 +277,8 @@ def text_tokens(tokenizer, prompts: list[str], device, max_length: int = 512):
 
 
 def text_context(text, ids: torch.Tensor, mask: torch.Tensor, max_length: int) -> torch.Tensor:
+    """`wan_text_embeddings` (inference-only) with gradients: [B, max_length, d_model], the rows past each
+    prompt's tokens zero, as the pipeline passes them."""
     hidden = text(ids, mask)  # [B, n, d_model]
     return F.pad(hidden * mask[..., None].to(hidden.dtype), (0, 0, 0, max_length - ids.shape[1]))
 
