@@ -178,7 +178,7 @@ def vae_decode(vae, z: torch.Tensor) -> torch.Tensor:
 
 
 def latent_shape(vae, x: torch.Tensor) -> tuple[int, ...]:
-    """The posterior's shape [B, Z, T', h, w] for clips x [B, 3, T, H, W] (the latent noise is drawn in it)."""
+    """The posterior's shape [B, Z, T', h, w] for clips x [B, 3, T, H, W] (the latent noise's shape)."""
     c = vae.config
     b, _, t, h, w = x.shape
     sp = c.scale_factor_spatial
