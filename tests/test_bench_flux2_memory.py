@@ -8,6 +8,8 @@ import math
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import bench_flux2_memory as bench  # noqa: E402
@@ -49,3 +51,24 @@ def test_tiny_runs_through_dit_rt_load(tmp_path, capsys):
     assert [r["run"] for r in rows] == ["fp8", "offload", "offload-resident", "offload-auto", "resident"]
     assert all("error" not in r and r["image"] == [1, 1, 64, 64, 3] for r in rows), rows
     assert "| offload |" in capsys.readouterr().out
+
+
+def test_random_weights_reach_offloaded_blocks(tmp_path):
+    """--random runs with offloaded blocks (their weights on the host copies); vectors 1, matrices random."""
+    args = [
+        "--tiny",
+        "--device",
+        "cpu",
+        "--steps",
+        "1",
+        "--workdir",
+        str(tmp_path),
+        "--runs",
+        "offload-resident",
+    ]
+    rows = bench.main([*args, "--random", "--resident-gib", "0.00001"])
+    assert rows[0]["random_transformer"] is True and "error" not in rows[0], rows
+    layer = torch.nn.Linear(8, 4)
+    torch.nn.init.zeros_(layer.weight)
+    bench.randomize_in_place(layer)
+    assert layer.weight.abs().sum() > 0 and torch.equal(layer.bias, torch.ones(4))

@@ -14,12 +14,14 @@ Runs, each in a fresh process (peaks from a clean allocator), the same prompt an
 - fp8: `linear="fp8-per-tensor"` (transformer and text encoder quantized at load); target peak <= 72 GiB;
 - offload: bf16 with `offload="block"` (transformer and text encoder); target peak <= 40 GiB at <= 1.3x
   the resident run's generate time;
-- offload-resident: the same with `resident_gib=32` (the leading blocks that fit stay on the GPU);
+- offload-resident: the same with `resident_gib=32` (`--resident-gib`; the leading blocks that fit stay on
+  the GPU);
 - offload-auto: `resident_gib="auto"` (as many leading blocks as the card's free memory holds; on an 80 GB
   card the whole transformer);
 - resident: bf16, everything on the GPU (the time baseline; needs ~100 GiB).
-Peak = torch's max reserved bytes over load + generate; host peak = the process's max RSS (pinned blocks
-included); load and generate seconds apart.
+`--random` fills the transformer's weights with random values after loading (zeros run GEMMs faster than
+real weights: the resident run gets faster and the offload runs' time ratio worse than with real weights). Peak = torch's max reserved bytes over load +
+generate; host peak = the process's max RSS (pinned blocks included); load and generate seconds apart.
 """
 
 from __future__ import annotations
@@ -207,8 +209,26 @@ def build(folder: Path, tiny: bool) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------- runs
 
 
-def one_run(folder: str, name: str, device: str, steps: int, size: int) -> dict:
-    """Load with RUNS[name], warm up with one step, time a `steps`-step generation (this process only)."""
+@torch.no_grad()
+def randomize_in_place(model: torch.nn.Module) -> None:
+    """Random values in every floating weight of `model` wherever it lives (the GPU, or the page-locked host
+    copy of an offloaded block): matrices N(0, 1 / fan_in), vectors 1. Zero weights make GEMMs faster than
+    real ones (a resident FLUX.2 step took ~0.3 s where the forward bench's random weights take ~0.44 s), so
+    the copies an offload run cannot hide behind compute weigh more than they would."""
+    g = {}
+    for p in model.parameters():
+        if p.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            continue  # quantized codes
+        if p.ndim < 2:
+            p.fill_(1.0)
+            continue
+        gen = g.setdefault(p.device, torch.Generator(p.device).manual_seed(0))
+        p.normal_(0, p[0].numel() ** -0.5, generator=gen)
+
+
+def one_run(folder: str, name: str, device: str, steps: int, size: int, random: bool = False) -> dict:
+    """Load with RUNS[name], warm up with one step, time a `steps`-step generation (this process only);
+    `random`: the transformer's weights randomized after loading."""
     import dit_rt
 
     dev = torch.device(device)
@@ -218,6 +238,8 @@ def one_run(folder: str, name: str, device: str, steps: int, size: int) -> dict:
     t0 = time.perf_counter()
     pipe = dit_rt.load(folder, device=device, dtype="bfloat16" if cuda else "float32", **RUNS[name])
     load_s = time.perf_counter() - t0
+    if random:
+        randomize_in_place(pipe.transformer)
     loaded = torch.cuda.max_memory_reserved(dev) / 2**30 if cuda else None
     kw = dict(height=size, width=size, seed=0, progress_bar=False, output_type="frames")
     pipe.generate(PROMPT, num_inference_steps=1, **kw)  # warm-up: kernels, allocator, offload buffers
@@ -240,6 +262,7 @@ def one_run(folder: str, name: str, device: str, steps: int, size: int) -> dict:
         host_peak_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1),  # KiB on Linux
         image=list(out.frames.shape),
         target_gib=TARGET_GIB.get(name),
+        random_transformer=random,
     )
 
 
@@ -272,12 +295,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--workdir", default="/tmp/dit_rt_flux2_sparse", help="where the sparse checkpoint goes")
     p.add_argument("--tiny", action="store_true", help="tiny configurations (CPU smoke test)")
     p.add_argument("--out", help="write the rows as JSON here")
+    p.add_argument(
+        "--random",
+        action="store_true",
+        help="randomize the transformer's weights after loading (zeros run GEMMs faster than real weights)",
+    )
+    p.add_argument("--resident-gib", type=float, default=32, help="the offload-resident run's budget")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this one in this process, print JSON
     a = p.parse_args(argv)
     size = a.size or (64 if a.tiny else 1024)
+    RUNS["offload-resident"] = dict(offload=dict(name="block", resident_gib=a.resident_gib))
     folder = Path(a.workdir) / ("tiny" if a.tiny else "flux.2-dev")
     if a.one:
-        print("ROW " + json.dumps(one_run(str(folder), a.one, a.device, a.steps, size)), flush=True)
+        row = one_run(str(folder), a.one, a.device, a.steps, size, a.random)
+        print("ROW " + json.dumps(row), flush=True)
         return []
     names = [n for n in a.runs.split(",") if n]
     if not names or any(n not in RUNS for n in names):
@@ -290,7 +321,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for name in names:
         cmd = [sys.executable, __file__, "--one", name, "--steps", str(a.steps), "--size", str(size)]
-        cmd += ["--device", a.device, "--workdir", a.workdir] + (["--tiny"] if a.tiny else [])
+        cmd += ["--device", a.device, "--workdir", a.workdir, "--resident-gib", str(a.resident_gib)]
+        cmd += (["--tiny"] if a.tiny else []) + (["--random"] if a.random else [])
         run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         found = [line[4:] for line in run.stdout.splitlines() if line.startswith("ROW ")]
         if run.returncode == 0 and found:
