@@ -20,8 +20,9 @@ Runs, each in a fresh process (peaks from a clean allocator), the same prompt an
   card the whole transformer);
 - resident: bf16, everything on the GPU (the time baseline; needs ~100 GiB).
 `--random` fills the transformer's weights with random values after loading (zeros run GEMMs faster than
-real weights: the resident run gets faster and the offload runs' time ratio worse than with real weights). Peak = torch's max reserved bytes over load +
-generate; host peak = the process's max RSS (pinned blocks included); load and generate seconds apart.
+real weights: the resident run gets faster and the offload runs' time ratio worse than with real weights).
+Peak = torch's max reserved bytes over load + generate; host peak = the process's max RSS (pinned blocks
+included); load and generate seconds apart.
 """
 
 from __future__ import annotations
