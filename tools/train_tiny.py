@@ -14,8 +14,9 @@ prompt of `dit_rt.clipcheck`'s grammar says. Two stages:
 
 Runs on CUDA when available (each stage's loss compiled: a step of a model this small is bound by kernel
 launches), else on the CPU. From --seed the data and the initial weights are the same on every run; CPU runs
-are bitwise reproducible, GPU runs to the usual rounding differences of CUDA kernels. `--smoke` trains a few
-steps of each stage in seconds (CI). The checkpoint is written in fp16 to --out (default dit_rt/tiny).
+repeat bit for bit on the same machine and thread count, GPU runs up to CUDA kernels' rounding differences.
+`--smoke` trains a few steps of each stage in seconds (CI). The checkpoint is written in fp16 to --out
+(default dit_rt/tiny).
 
     python tools/train_tiny.py --device cuda        # the shipped model: 6.5 min on one H200
     python tools/train_tiny.py --device cpu         # the same recipe on the CPU: hours
