@@ -28,9 +28,11 @@ import torch
 log = logging.getLogger("dit_rt")
 GiB = 2**30
 RESERVE = 4 * GiB  # activations, workspaces and the CUDA context, beyond the weights
-# resident_gib="auto" leaves this much more free: FLUX.2-dev at 1024x1024 under block offload peaked 3.5 GiB
-# above its weights, and the allocator's cache held ~1.8 GiB more (H200, BENCHMARKS.md)
+# resident_gib="auto" leaves this much more free by default (pipelines set their own): FLUX.2-dev at
+# 1024x1024 under block offload peaked 3.5 GiB above its weights (H200, BENCHMARKS.md)
 AUTO_MARGIN = 4 * GiB
+# videos: the Wan 2.1 VAE's decode of a 704x1280x93 clip peaked at 12.3 GiB (H100, BENCHMARKS.md)
+VIDEO_AUTO_MARGIN = 14 * GiB
 HOST_RESERVE = 8 * GiB  # under offload: the process, one block loaded and not yet page-locked, the page cache
 # bytes per element of a quantized linear weight (scales are negligible)
 FORMAT_BYTES = {
@@ -150,12 +152,14 @@ def check_fits(
     streamed: tuple[str, ...] = ("transformer", "transformer_2"),
     available: int | None = None,
     host_available: int | None = None,
+    auto_margin: int = AUTO_MARGIN,
 ) -> None:
     """Raise MemoryError, before any weight is read, when the weights under `options` (RuntimeOptions)
     cannot fit `available` bytes (default: what the CUDA device has free) less RESERVE, naming the options
     that would; under offload=, also when the host cannot hold the offloaded weights (`host_available`,
     default: MemAvailable, capped by a container's limit) less HOST_RESERVE. Nothing to check off CUDA, or
-    under parallel= (FSDP shards and parallel layouts have their own sizes)."""
+    under parallel= (FSDP shards and parallel layouts have their own sizes). offload resident_gib="auto" is
+    resolved here: the most kept blocks whose weights fit less RESERVE and `auto_margin`."""
     from dit_rt.runtime import AUTO_RESIDENT
 
     device = options.device
@@ -174,7 +178,7 @@ def check_fits(
         return weights_on_gpu(folder, components, options.dtype, quantized=quantized, streamed=streamed, **kw)
 
     if auto:
-        options.offload_resident = _most_resident(lambda r: need(resident=r)[0], budget - AUTO_MARGIN)
+        options.offload_resident = _most_resident(lambda r: need(resident=r)[0], budget - auto_margin)
         log.info(
             "offload resident_gib='auto': %.1f GiB of leading blocks stay on %s (%.1f GiB free)",
             options.offload_resident / GiB, device, available / GiB,

@@ -279,6 +279,9 @@ class Pipeline:
     quantized_components: tuple[str, ...] = ("transformer", "transformer_2")
     streamed_components: tuple[str, ...] = ("transformer", "transformer_2")
     metadata_notes: dict = {}  # recorded after the options in every output (Cosmos: no guardrail ran)
+    # resident_gib="auto" leaves this much device memory beyond memory.RESERVE for the largest activations
+    # (images: FLUX.2's 1024x1024 generation peaked 3.5 GiB above its weights; videos override it)
+    auto_margin: int = 4 * 2**30
 
     def start(self, folder, index: dict, options, entry=None) -> Callable[..., torch.nn.Module]:
         """Set what every family sets first (`folder`, `options`, `entry`, `mesh`, `device`, `dtype`, `fsdp`
@@ -299,6 +302,7 @@ class Pipeline:
             name=entry.alias if entry else str(folder),
             quantized=self.quantized_components,
             streamed=self.streamed_components,
+            auto_margin=self.auto_margin,
         )
         self.folder, self.options, self.entry = folder, options, entry
         self.mesh, self.device, self.dtype = options.mesh, options.device, options.dtype

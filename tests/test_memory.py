@@ -94,6 +94,12 @@ def test_auto_resident_keeps_what_the_card_holds(tmp_path, caplog):
             memory.check_fits(folder, comps, opts, name="tiny", available=card, host_available=2**40)
         assert opts.offload_resident == kept  # bytes; offload keeps the whole blocks within them
         assert f"{kept / memory.GiB:.1f} GiB of leading blocks" in caplog.text
+    opts = options()  # a pipeline's own margin (videos: their VAE decode) keeps fewer blocks
+    card = memory.RESERVE + memory.AUTO_MARGIN + 10 * blk
+    memory.check_fits(
+        folder, comps, opts, name="tiny", available=card, host_available=2**40, auto_margin=2**40
+    )
+    assert opts.offload_resident == 0
     # with no card to size against (CPU), nothing is kept
     opts = options()
     memory.check_fits(folder, comps, opts, name="tiny")

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from dit_rt import checks
+from dit_rt import checks, memory
 from dit_rt.catalog import COSMOS_NEGATIVE, Defaults, Entry
 from dit_rt.pipeline import (
     Conditioning,
@@ -108,6 +108,8 @@ class Shared(NamedTuple):
 class CosmosPipeline(Pipeline):
     """What the three Cosmos pipelines share: loading, prompts, the request, decode. Subclasses provide
     `prepare_latents`, `predict`, the scheduler and their extra `generate` options (`options`)."""
+
+    auto_margin = memory.VIDEO_AUTO_MARGIN  # offload resident_gib='auto': a video's VAE decode
 
     guidance = "from_cond"
     metadata_notes = {"guardrail": "none"}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dit_rt import checks
+from dit_rt import checks, memory
 from dit_rt.catalog import COSMOS_NEGATIVE, Defaults, Entry
 from dit_rt.pipeline import (
     Conditioning,
@@ -49,6 +49,8 @@ def constraints(folder: Path, index: dict) -> checks.Constraints:
 @register_pipeline("CosmosTextToWorldPipeline")
 class CosmosTextToWorldPipeline(Pipeline):
     """Cosmos-1.0-Diffusion-7B / 14B Text2World: a 704x1280x121 clip at 30 fps per prompt."""
+
+    auto_margin = memory.VIDEO_AUTO_MARGIN  # offload resident_gib='auto': a video's VAE decode
 
     guidance = "from_cond"
     metadata_notes = {"guardrail": "none"}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dit_rt import checks
+from dit_rt import checks, memory
 from dit_rt.catalog import Defaults, Entry
 from dit_rt.pipeline import (
     Conditioning,
@@ -62,6 +62,8 @@ def constraints(folder: Path, index: dict) -> checks.Constraints:
 @register_pipeline("WanPipeline", "WanImageToVideoPipeline")
 class WanPipeline(Pipeline):
     """Text-to-video and image-to-video for every Wan 2.1 / 2.2 checkpoint in the Hub Diffusers layout."""
+
+    auto_margin = memory.VIDEO_AUTO_MARGIN  # offload resident_gib='auto': a video's VAE decode
 
     folder_constraints = staticmethod(constraints)
 
