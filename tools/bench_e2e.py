@@ -312,12 +312,13 @@ def build_wan(folder: Path, alias: str, tiny: bool, device: torch.device) -> Non
         preset = "wan2.1-i2v-14b" if i2v else alias
         transformer, vae, text, clip = _hub_config(preset), dict(WAN_VAE), dict(UMT5_XXL), dict(CLIP_VIT_H)
     bf16 = torch.float32 if tiny else torch.bfloat16
-    with torch.device(device):
-        parts = dict(
-            transformer=randomize_(diffusers.WanTransformer3DModel(**transformer), 1).to(bf16),
-            vae=randomize_(diffusers.AutoencoderKLWan(**vae), 2),
-            text_encoder=randomize_(UMT5EncoderModel(UMT5Config(**text)), 3).to(bf16),
+    with torch.device(device), default_dtype(bf16):  # built in bf16: a 14B model built in fp32 and cast
+        parts = dict(  # would need 84 GB at once
+            transformer=randomize_(diffusers.WanTransformer3DModel(**transformer), 1),
+            text_encoder=randomize_(UMT5EncoderModel(UMT5Config(**text)), 3),
         )
+    with torch.device(device):
+        parts["vae"] = randomize_(diffusers.AutoencoderKLWan(**vae), 2)
         if i2v:
             parts["image_encoder"] = randomize_(CLIPVisionModel(CLIPVisionConfig(**clip)), 4)
             parts["image_processor"] = CLIPImageProcessor(
@@ -371,12 +372,12 @@ def build_flux(folder: Path, alias: str, tiny: bool, device: torch.device) -> No
     if tiny:
         clip["vocab_size"] = len(clip_tokenizer)
     bf16 = torch.float32 if tiny else torch.bfloat16
-    with torch.device(device):
+    with torch.device(device), default_dtype(bf16):  # built in their storage dtype (see build_wan)
         parts = dict(
-            transformer=randomize_(diffusers.FluxTransformer2DModel(**transformer), 1).to(bf16),
-            vae=randomize_(diffusers.AutoencoderKL(**vae), 2).to(bf16),
-            text_encoder=randomize_(CLIPTextModel(CLIPTextConfig(**clip)), 3).to(bf16),
-            text_encoder_2=randomize_(T5EncoderModel(T5Config(**t5)), 4).to(bf16),
+            transformer=randomize_(diffusers.FluxTransformer2DModel(**transformer), 1),
+            vae=randomize_(diffusers.AutoencoderKL(**vae), 2),
+            text_encoder=randomize_(CLIPTextModel(CLIPTextConfig(**clip)), 3),
+            text_encoder_2=randomize_(T5EncoderModel(T5Config(**t5)), 4),
         )
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
     pipe = diffusers.FluxPipeline(
