@@ -306,11 +306,9 @@ class BlockOffload:
 
 
 def release_slots(models) -> None:
-    """`release()` the block offload of each model (None skipped): between the denoising loop and the VAE
-    decode their slots would otherwise sit idle on the device (the next forward allocates them again)."""
+    """`release()` the block offload of each model: between the denoising loop and the VAE decode their
+    slots would otherwise sit idle on the device (the next forward allocates them again)."""
     for model in models:
-        if model is None:
-            continue
         for runner in stack_runners(model):
             for hook in runner.block_hooks:
                 if isinstance(hook, BlockOffload):

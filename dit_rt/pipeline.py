@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from dit_rt import checks
+from dit_rt import checks, memory
 
 
 class _PhaseClock:
@@ -279,9 +279,7 @@ class Pipeline:
     quantized_components: tuple[str, ...] = ("transformer", "transformer_2")
     streamed_components: tuple[str, ...] = ("transformer", "transformer_2")
     metadata_notes: dict = {}  # recorded after the options in every output (Cosmos: no guardrail ran)
-    # resident_gib="auto" leaves this much device memory beyond memory.RESERVE for the largest activations
-    # (images: FLUX.2's 1024x1024 generation peaked 3.5 GiB above its weights; videos override it)
-    auto_margin: int = 4 * 2**30
+    auto_margin: int = memory.AUTO_MARGIN  # resident_gib="auto": room for activations beyond RESERVE
 
     def start(self, folder, index: dict, options, entry=None) -> Callable[..., torch.nn.Module]:
         """Set what every family sets first (`folder`, `options`, `entry`, `mesh`, `device`, `dtype`, `fsdp`
@@ -292,7 +290,7 @@ class Pipeline:
         sharded: host memory under FSDP (transformers and text encoders move to the GPU block by block as they
         are sharded: a model larger than one GPU never sits on one whole), else `host`.
         """
-        from dit_rt import loaders, memory
+        from dit_rt import loaders
         from dit_rt.components import build_component
 
         memory.check_fits(  # before any weight is read: a clear error naming what would fit

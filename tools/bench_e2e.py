@@ -36,11 +36,11 @@ covers the Wan families only.
 Cosmos (`--model cosmos-predict2-2b-text2image`, `...-video2world` (the test picture conditions), the 14B
 ones, `cosmos-1.0-diffusion-7b-text2world`): the DiT at its real configuration, the T5-11B encoder, the Wan
 2.1 VAE or the Cosmos tokenizer, written without a safety checker component. diffusers' Cosmos pipelines
-refuse to run without NVIDIA's guardrail, so its runs get a pass-through stand-in, whose path rounds the
-frames to 8 bits; dit_rt's frames take the same rounding before they are compared. diffusers' Cosmos DiT
-imports torchvision. Real sizes are long (a guided 704x1280x93 step of the 2B model is ~7 s in diffusers):
-`--steps`, `--frames` and `--runs` keep a call short. Predict2.5 (`cosmos-predict2.5-2b`, Image2World from
-the test picture) has the Qwen2.5-VL-7B text stack at its real size.
+refuse to run without NVIDIA's guardrail, so its runs get a pass-through stand-in; where that path rounds
+the frames to 8 bits (Predict2, 1.0) dit_rt's frames take the same rounding before they are compared.
+diffusers' Cosmos DiT imports torchvision. Real sizes are long (a guided 704x1280x93 step of the 2B model is
+~7 s in diffusers): `--steps`, `--frames` and `--runs` keep a call short. Predict2.5 (`cosmos-
+predict2.5-2b`, Image2World from the test picture) has the Qwen2.5-VL-7B text stack at its real size.
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ def small_clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def small_qwen_tokenizer(words=None):
+def small_qwen_tokenizer(words: tuple[str, ...] = ()):
     """The demo's small Unigram tokenizer (`words`: its vocabulary) with Qwen's chat markers and pad token,
     and the chat template: what Predict2.5's pipeline calls `apply_chat_template` on."""
     from tokenizers import Tokenizer
@@ -238,7 +238,7 @@ def small_qwen_tokenizer(words=None):
 
     from dit_rt.demo import tokenizer_json
 
-    spec = json.loads(tokenizer_json(words) if words else tokenizer_json())
+    spec = json.loads(tokenizer_json(words))
     spec["post_processor"] = None  # chat-templated text is tokenized without added special tokens
     tok = Tokenizer.from_str(json.dumps(spec))
     tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
@@ -425,10 +425,11 @@ def _cosmos_model(alias: str) -> str:
 
 
 def build_cosmos(folder: Path, alias: str, tiny: bool, device: torch.device) -> None:
-    """A Cosmos-Predict2 Text2Image / Video2World or Cosmos-1.0 Text2World pipeline at its real
+    """A Cosmos-Predict2 Text2Image / Video2World, Predict2.5 or Cosmos-1.0 Text2World pipeline at its real
     configuration (or bench_cosmos' tiny one), random weights, saved by diffusers' `save_pretrained` in
-    bf16 as on the Hub (tiny: fp32): the DiT, the T5-11B encoder, the Wan 2.1 VAE (Predict2) or the
-    Cosmos tokenizer (1.0); no safety checker component (dit_rt runs none, diffusers gets a stand-in)."""
+    bf16 as on the Hub (tiny: fp32): the DiT, the T5-11B encoder (Predict2.5: Qwen2.5-VL-7B), the Wan 2.1
+    VAE (1.0: the Cosmos tokenizer); no safety checker component (dit_rt runs none, diffusers gets a
+    stand-in)."""
     import bench_cosmos
     import diffusers
     from transformers import T5Config, T5EncoderModel

@@ -347,11 +347,11 @@ def fit_steps(a, vae, transformer, text, device, log) -> tuple[int, int]:
         t = time.perf_counter()
         run(warm)  # warm-up: allocator, cuDNN autotuning, compiling
         sync()
-        warm = time.perf_counter() - t
+        warm_s = time.perf_counter() - t
         t = time.perf_counter()
         run(n)
         sync()
-        return (time.perf_counter() - t) / n, warm
+        return (time.perf_counter() - t) / n, warm_s
 
     def sync() -> None:
         if device.type == "cuda":
@@ -373,8 +373,8 @@ def fit_steps(a, vae, transformer, text, device, log) -> tuple[int, int]:
     refresh_every = pool.chunk // a.refresh if a.refresh else 8  # steps between two encoder passes
     dit_s, dit_warm = seconds_per_step(
         lambda n: list(train_dit(pool, tr, te, tok, g, device, n, a.dit_batch, quiet, 0, a.compile)),
-        # the warm-up includes a pool refresh: the encoder's first pass at the chunk's batch size is slow
-        # (cuDNN picks its kernels), and counted in the timed steps it doubled the estimate on an H200
+        # the warm-up includes a pool refresh: without it the timed steps held the encoder's first pass at
+        # the chunk's batch size (cuDNN picking its kernels, most likely), and the estimate was 2x on an H200
         n=4 * refresh_every,
         warm=refresh_every + 1,
     )
