@@ -262,7 +262,9 @@ class Pipeline:
       encode_prompt(prompts, **encode)       -> a branch's prompt conditioning
       prepare_latents(latents, request)      this dp group's noise (float32) -> (loop latents, shared cond)
       make_scheduler(request)                -> a scheduler with `.timesteps` and `.step(pred, t, latents)`
-      predict(model, x, t, cond)             -> what guidance combines (velocity for Wan, x0 for Cosmos)
+      predict(model, x, t, cond)             -> what guidance combines (velocity for Wan, x0 for Cosmos);
+                                                t is the step's timestep on the device: schedule lookups
+                                                take `self.schedule_index(t)` (no device sync in the loop)
       decode_latents(latents)                -> float32 frames (B, T, H, W, C) in [0, 1] on the device
       expert_index(t)                        -> which of `transformers` runs at timestep t (default 0)
     and `guidance`, the name of its formula in GUIDANCE.
@@ -280,6 +282,17 @@ class Pipeline:
     streamed_components: tuple[str, ...] = ("transformer", "transformer_2")
     metadata_notes: dict = {}  # recorded after the options in every output (Cosmos: no guardrail ran)
     auto_margin: int = memory.AUTO_MARGIN  # resident_gib="auto": room for activations beyond RESERVE
+    step_index: int | None = None  # the denoising loop's current step (None outside the loop)
+
+    def schedule_index(self, t: torch.Tensor) -> int | torch.Tensor:
+        """What a scheduler lookup of timestep t takes: inside the loop the step's index (a lookup by a
+        device tensor's value would synchronize the device every step), else t itself."""
+        return t if self.step_index is None else self.step_index
+
+    def on_device(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A host scalar (a scheduler's sigma) as a 0-dim tensor on the device, written by a fill kernel: a
+        copy from pageable host memory would synchronize the device."""
+        return torch.full((), x.item(), device=self.device, dtype=dtype)
 
     def start(self, folder, index: dict, options, entry=None) -> Callable[..., torch.nn.Module]:
         """Set what every family sets first (`folder`, `options`, `entry`, `mesh`, `device`, `dtype`, `fsdp`
@@ -507,28 +520,35 @@ class Pipeline:
         # one branch.
         first_branch = "uncond" if cfg_parallel and mesh.rank("cfg") == 1 else "cond"
         cache_reset(self.transformers, r.steps)
+        # Timestep values on the host for the expert choice, and scheduler steps by index: comparing a device
+        # timestep would wait for the step's queued work, leaving the GPU idle while the next one launches.
+        host_timesteps = scheduler.timesteps.cpu()
         # offload="model": the active expert's weights on the device, swapped at the boundary
         with ExitStack() as on_device:
             active = None
-            for i, t in enumerate(progress(scheduler.timesteps, show)):
-                expert, scale = self._expert(t, *r.guidance)
-                if expert is not active:
-                    on_device.close()
-                    on_device.enter_context(self.offload.use(expert))
-                    active = expert
-                cache_step(expert, i)
-                attention_step(self.transformers, i, r.steps)  # svg's dense warm-up steps
-                with cache_branch(expert, first_branch):
-                    pred = self.predict(expert, latents, t, cond)
-                if cfg_parallel:
-                    pred, pred_uncond = cfg_gather(pred, cfg_group)  # both ranks get both predictions
-                    pred = combine(pred_uncond, pred, scale)
-                elif do_cfg:
-                    with cache_branch(expert, "uncond"):
-                        pred = combine(self.predict(expert, latents, t, uncond), pred, scale)
-                latents = scheduler.step(pred, t, latents)
-                if r.callback is not None:
-                    r.callback(i, t, latents)  # under data parallel: this dp group's part of the batch
+            try:
+                for i, t in enumerate(progress(scheduler.timesteps, show)):
+                    self.step_index = i
+                    expert, scale = self._expert(host_timesteps[i], *r.guidance)
+                    if expert is not active:
+                        on_device.close()
+                        on_device.enter_context(self.offload.use(expert))
+                        active = expert
+                    cache_step(expert, i)
+                    attention_step(self.transformers, i, r.steps)  # svg's dense warm-up steps
+                    with cache_branch(expert, first_branch):
+                        pred = self.predict(expert, latents, t, cond)
+                    if cfg_parallel:
+                        pred, pred_uncond = cfg_gather(pred, cfg_group)  # both ranks get both predictions
+                        pred = combine(pred_uncond, pred, scale)
+                    elif do_cfg:
+                        with cache_branch(expert, "uncond"):
+                            pred = combine(self.predict(expert, latents, t, uncond), pred, scale)
+                    latents = scheduler.step(pred, i, latents)
+                    if r.callback is not None:
+                        r.callback(i, t, latents)  # under data parallel: this dp group's part of the batch
+            finally:
+                self.step_index = None
         stats = cache_stats(self.transformers)
         if self.options.offload == "block":  # the streaming slots are idle until the next generate
             from dit_rt.offload import release_slots

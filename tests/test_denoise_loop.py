@@ -251,3 +251,49 @@ def test_components_are_built_by_class_name(tmp_path):
     assert {"AutoencoderKLWan", "UMT5EncoderModel", "WanTransformer3DModel"} <= set(components._BUILDERS)
     with pytest.raises(NotImplementedError, match="'odd' has class 'AutoencoderKLOdd'.*AutoencoderKLWan"):
         components.build_component(tmp_path, index, "odd", device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_loop_looks_up_the_schedule_by_index(monkeypatch):
+    """No device sync per step: the scheduler steps by index, the expert is chosen from a host copy of the
+    timesteps, and predict's lookups get the step index (`schedule_index`); outside the loop, and after a
+    step that raised, lookups take the timestep itself again."""
+    seen = {"step": [], "expert": [], "lookup": []}
+
+    class Spy(Euler):
+        def step(self, pred, t, latents):
+            seen["step"].append(t)
+            return super().step(pred, t, latents)
+
+    pipe = FakePipeline(experts=2)
+    monkeypatch.setattr(pipe, "make_scheduler", lambda r: Spy(r.steps))
+    expert_index, predict = pipe.expert_index, pipe.predict
+    monkeypatch.setattr(pipe, "expert_index", lambda t: seen["expert"].append(t) or expert_index(t))
+
+    def spying_predict(model, latents, t, cond):
+        seen["lookup"].append(pipe.schedule_index(t))
+        return predict(model, latents, t, cond)
+
+    monkeypatch.setattr(pipe, "predict", spying_predict)
+    noise = torch.randn(SHAPE)
+    out = pipe.generate(PROMPTS, latents=noise, output_type="latents")
+    torch.testing.assert_close(out.latents, _reference(pipe, PROMPTS, None, (3.0,), noise, "from_uncond"))
+    assert seen["step"] == seen["lookup"] == [0, 1, 2, 3]
+    assert all(t.device.type == "cpu" for t in seen["expert"])
+    t = torch.tensor(5.0)
+    assert pipe.step_index is None and pipe.schedule_index(t) is t
+
+    def failing(model, latents, t, cond):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(pipe, "predict", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pipe.generate(PROMPTS, latents=noise, output_type="latents")
+    assert pipe.step_index is None
+
+
+def test_on_device_scalar_equals_a_copy():
+    pipe = FakePipeline()
+    sigma = torch.tensor(0.123456789, dtype=torch.float32)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = pipe.on_device(sigma, dtype)
+        assert got.shape == () and got.dtype == dtype and torch.equal(got, sigma.to(dtype))

@@ -256,6 +256,8 @@ def one_run(folder: str, name: str, device: str, steps: int, size: int, random: 
         options=RUNS[name],
         load_s=round(load_s, 2),
         generate_s=round(generate_s, 3),
+        # seconds of text encoding, the steps and the decode (device-synchronized at each end)
+        phases_s={k: round(v, 3) for k, v in out.timings.items()},
         steps=steps,
         peak_after_load_gib=None if loaded is None else round(loaded, 2),
         peak_gib=round(torch.cuda.max_memory_reserved(dev) / 2**30, 2) if cuda else None,

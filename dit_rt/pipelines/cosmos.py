@@ -296,7 +296,7 @@ class _Predict2(CosmosPipeline):
 
     def preconditioning(self, t: torch.Tensor):
         """(sigma, flow time t, c_in, c_skip, c_out) of a step: float32 scalars, as the reference pipeline."""
-        sigma = self.scheduler.sigma_at(t)
+        sigma = self.scheduler.sigma_at(self.schedule_index(t))
         flow_t = sigma / (sigma + 1)
         return sigma, flow_t, 1 - flow_t, 1 - flow_t, -flow_t
 
@@ -313,7 +313,7 @@ class Cosmos2TextToImagePipeline(_Predict2):
     def predict(self, model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """x0 in the model dtype (the reference casts it before guidance)."""
         _, flow_t, c_in, c_skip, c_out = self.preconditioning(t)
-        timestep = flow_t.expand(x.shape[0]).to(self.device, self.dtype)  # [B]
+        timestep = self.on_device(flow_t, self.dtype).expand(x.shape[0])  # [B]
         out = model((x * c_in).to(self.dtype), timestep, cond.prompt)
         return (c_skip * x + c_out * out.float()).to(self.dtype)
 
@@ -369,7 +369,7 @@ class Cosmos2VideoToWorldPipeline(_Predict2):
         s: Shared = cond.shared
         _, flow_t, c_in, c_skip, c_out = self.preconditioning(t)
         B, _, T = x.shape[:3]
-        timestep = flow_t.to(self.device).view(1, 1, 1, 1, 1).expand(B, -1, T, -1, -1)  # [B, 1, T, 1, 1]
+        timestep = self.on_device(flow_t).view(1, 1, 1, 1, 1).expand(B, -1, T, -1, -1)  # [B, 1, T, 1, 1]
         ind = s.indicator
         x_in = (ind * s.latents + (1 - ind) * (x * c_in)).to(self.dtype)
         timestep = (ind * s.cond_timestep + (1 - ind) * timestep).to(self.dtype)
@@ -449,7 +449,7 @@ class Cosmos2_5_PredictBasePipeline(CosmosPipeline):
         """The flow velocity (float32): the DiT's on the generated frames, the fixed one on the others."""
         s: Shared = cond.shared
         B = x.shape[0]
-        sigma = self.scheduler.sigma_at(t).to(self.device).expand(B)
+        sigma = self.on_device(self.scheduler.sigma_at(self.schedule_index(t))).expand(B)
         if s.cond_timestep is None:  # no conditioning frame, or conditional_frame_timestep < 0
             timestep = sigma  # [B]
         else:  # [B, 1, T, 1, 1] float32

@@ -184,7 +184,7 @@ class CosmosTextToWorldPipeline(Pipeline):
 
     def predict(self, model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """x0 (float32) = c_skip x + c_out DiT(c_in x, c_noise): the EDM preconditioning at step t."""
-        i = self.scheduler.index(t)
+        i = self.scheduler.index(self.schedule_index(t))
         x_in = self.scheduler.precondition_inputs(x, i).to(self.dtype)
         out = model(x_in, t.expand(x.shape[0]).to(self.dtype), cond.prompt, fps=cond.shared)
         return self.scheduler.precondition_outputs(x, out, i)
