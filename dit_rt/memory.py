@@ -33,6 +33,9 @@ RESERVE = 4 * GiB  # activations, workspaces and the CUDA context, beyond the we
 AUTO_MARGIN = 4 * GiB
 # videos: the Wan 2.1 VAE's decode of a 704x1280x93 clip peaked at 12.3 GiB (H100, BENCHMARKS.md)
 VIDEO_AUTO_MARGIN = 14 * GiB
+# Wan, whose VAE runs in float32 by default: that decode's activations are twice the bf16 ones (estimated from
+# the bf16 peak, not measured)
+WAN_AUTO_MARGIN = 26 * GiB
 HOST_RESERVE = 8 * GiB  # under offload: the process, one block loaded and not yet page-locked, the page cache
 # bytes per element of a quantized linear weight (scales are negligible)
 FORMAT_BYTES = {

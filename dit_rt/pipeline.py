@@ -282,6 +282,7 @@ class Pipeline:
     streamed_components: tuple[str, ...] = ("transformer", "transformer_2")
     metadata_notes: dict = {}  # recorded after the options in every output (Cosmos: no guardrail ran)
     auto_margin: int = memory.AUTO_MARGIN  # resident_gib="auto": room for activations beyond RESERVE
+    vae_default_dtype: torch.dtype | None = None  # the VAE's dtype without vae_dtype= (None: the model dtype)
     step_index: int | None = None  # the denoising loop's current step (None outside the loop)
 
     def schedule_index(self, t: torch.Tensor) -> int | torch.Tensor:
@@ -338,8 +339,9 @@ class Pipeline:
         return model
 
     def build_vae(self, build) -> None:
-        """`vae` in `vae_dtype` (options.vae_dtype, else the model dtype)."""
-        self.vae_dtype = self.options.vae_dtype or self.dtype
+        """`vae` in `vae_dtype` (options.vae_dtype, else the family's `vae_default_dtype`, else the model
+        dtype)."""
+        self.vae_dtype = self.options.vae_dtype or self.vae_default_dtype or self.dtype
         self.vae = build("vae", self.vae_dtype)
 
     def build_transformer(self, build) -> None:

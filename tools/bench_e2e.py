@@ -27,7 +27,9 @@ Runs (`--runs`, comma separated; default: all that can run here):
   fast                dit_rt fp8-per-tensor linears + fa3-fp8 attention + compile + CUDA graphs
 `--diagnose` adds, per component (text encoder, one transformer forward, VAE decode), the error of dit_rt's
 and diffusers' bf16 outputs against float32 on identical inputs: where a run rounds where the other does not.
-`--tiny` uses the demo's tiny configurations (CPU smoke test of this script).
+`--tiny` uses the demo's tiny configurations (CPU smoke test of this script). On the CPU every run is float32
+unless `--cpu-bf16`: then diffusers and dit_rt run in bf16 beside the float32 `ref`, a check on the CPU of
+where a pipeline rounds (the kernels differ from the GPU's, the pipeline code does not).
 New families add a `Family` entry (builder, diffusers pipeline class, latent shape).
 FLUX.1 (`--model flux.1-dev`): text-to-image; the latents are FluxPipeline's packed tokens
 [1, (H/16)(W/16), 64], the guidance is the embedded one (one transformer pass per step, no negative prompt),
@@ -545,6 +547,7 @@ class Job:
     guidance: float
     seeds: list[int]
     negative: str
+    bf16: bool = False  # the runs in bf16 off the GPU too (--cpu-bf16)
 
     def latents(self, seed: int) -> torch.Tensor:
         shape = self.family.latent_shape(self.height, self.width, self.frames)
@@ -574,7 +577,7 @@ def _release(device: torch.device) -> None:
 def diffusers_pipe(job: Job, name: str):
     import diffusers
 
-    fp32 = name == "ref" or job.device.type != "cuda"
+    fp32 = name == "ref" or (job.device.type != "cuda" and not job.bf16)
     dtype = torch.float32 if fp32 else torch.bfloat16
     cls = getattr(diffusers, job.family.pipeline)
     extra = {}
@@ -658,7 +661,7 @@ def dit_rt_pipe(job: Job, name: str):
 
     opts = dict(DIT_RT_RUNS[name])
     if job.device.type != "cuda":  # the CPU smoke test: the same path with what runs there
-        opts = dict(attention="sdpa", dtype=torch.float32)
+        opts = dict(attention="sdpa", dtype=torch.bfloat16 if job.bf16 else torch.float32)
     pipe = dit_rt.load(str(job.folder), device=job.device, **opts)
 
     def generate(latents: torch.Tensor, steps: int) -> torch.Tensor:
@@ -864,6 +867,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny configurations (CPU smoke test)")
     ap.add_argument("--diagnose", action="store_true", help="per-component bf16 error against float32")
+    ap.add_argument("--cpu-bf16", action="store_true", help="off the GPU: the runs in bf16 (not float32)")
     a = ap.parse_args(argv)
 
     from dit_rt.catalog import lookup
@@ -894,6 +898,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         d.guidance_scale if a.guidance is None else a.guidance,
         [int(s) for s in a.seeds.split(",")],
         d.negative_prompt,
+        a.cpu_bf16,
     )
     if device.type == "cuda":  # the CUDA context and library handles: process start-up, not loading
         torch.ones(64, 64, device=device) @ torch.ones(64, 64, device=device)
