@@ -33,19 +33,13 @@ def test_bench_e2e_tiny(tmp_path, model):
     assert json.loads(out.read_text())["runs"][0]["run"] == "ref"
 
 
-def test_bench_e2e_diagnose(tmp_path, capsys):
-    args = [
-        "--tiny",
-        "--device",
-        "cpu",
-        "--runs",
-        "",
-        "--workdir",
-        str(tmp_path),
-        "--out",
-        str(tmp_path / "d.json"),
-    ]
-    bench_e2e.main([*args, "--diagnose"])
+@pytest.mark.parametrize("model", ["wan2.1-t2v-1.3b", "cosmos-predict2-2b-video2world"])
+def test_bench_e2e_diagnose(tmp_path, capsys, model):
+    from tiny_cosmos_pipelines import reference_stand_ins  # no CPU torchvision: its two calls stood in
+
+    args = ["--tiny", "--device", "cpu", "--model", model, "--runs", "", "--workdir", str(tmp_path)]
+    with reference_stand_ins():
+        bench_e2e.main([*args, "--out", str(tmp_path / "d.json"), "--diagnose"])
     diag = json.loads((tmp_path / "d.json").read_text())["diagnose"]
     assert len(diag) == 8 and all(0 < v < 0.1 for v in diag.values())  # bf16 rounding, not a mismatch
     assert "transformer: dit_rt bf16" in capsys.readouterr().out

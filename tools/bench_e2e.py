@@ -34,7 +34,7 @@ New families add a `Family` entry (builder, diffusers pipeline class, latent sha
 FLUX.1 (`--model flux.1-dev`): text-to-image; the latents are FluxPipeline's packed tokens
 [1, (H/16)(W/16), 64], the guidance is the embedded one (one transformer pass per step, no negative prompt),
 and the image comes out as a one-frame clip (T = 1) so that the error columns are the same. `--diagnose`
-covers the Wan families only.
+covers Wan and the T5 Cosmos families (Predict2, 1.0).
 Cosmos (`--model cosmos-predict2-2b-text2image`, `...-video2world` (the test picture conditions), the 14B
 ones, `cosmos-1.0-diffusion-7b-text2world`): the DiT at its real configuration, the T5-11B encoder, the Wan
 2.1 VAE or the Cosmos tokenizer, written without a safety checker component. diffusers' Cosmos pipelines
@@ -778,71 +778,99 @@ def table(results: Path, order: list[str]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- diagnose
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
 def diagnose(job: Job) -> dict:
     """Error against float32 of each component's bf16 output, dit_rt and diffusers, on identical inputs:
-    text encoder (the prompt), one transformer forward (first timestep, the seed's latents, the fp32 text
-    embedding), VAE decode (those latents)."""
+    text encoder (the prompt and the negative prompt), one transformer forward (the seed's latents, the float32
+    text embedding of the prompt), VAE decode (those latents). Wan and the T5 Cosmos families (Predict2
+    Text2Image / Video2World, 1.0)."""
     import diffusers
 
     import dit_rt
 
-    if not job.family.pipeline.startswith("Wan"):
+    pipeline = job.family.pipeline
+    cosmos = pipeline.startswith("Cosmos")
+    if not (pipeline.startswith("Wan") or cosmos) or pipeline.startswith("Cosmos2_5"):
         raise SystemExit(
-            "--diagnose: Wan families only for now (FLUX.1, Cosmos: bench_flux.py, bench_cosmos.py)"
+            "--diagnose: Wan and the T5 Cosmos families only (FLUX.1, Predict2.5: bench_flux.py, bench_cosmos.py)"
         )
-
-    def rel(a, b):
-        a, b = a.double().cpu(), b.double().cpu()
-        return ((a - b).norm() / b.norm()).item()
-
     out = {}
-    cls = getattr(diffusers, job.family.pipeline)
+    cls = getattr(diffusers, pipeline)
     latents = job.latents(job.seeds[0]).to(job.device)
-    t = torch.tensor([999.0], device=job.device)
-    x = latents
-    if job.family.image:  # mask + condition channels
-        x = torch.cat([latents, latents.new_zeros(1, 20, *latents.shape[2:])], 1)
     prompts = dict(prompt=PROMPT, negative=job.negative)
     encode = dict(do_classifier_free_guidance=False, max_sequence_length=512, device=job.device)
+    if cosmos:  # the first step's flow time, the padding mask every Cosmos pipeline passes (zeros)
+        t = torch.tensor([0.5], device=job.device)
+        kw = dict(padding_mask=latents.new_zeros(1, 1, job.height, job.width))
+        if job.family.image:  # Video2World: the first latent frame conditions
+            mask = latents.new_zeros(1, 1, *latents.shape[2:])
+            mask[:, :, :1] = 1
+            kw |= dict(condition_mask=mask, fps=16)
+        elif not job.family.still:  # Cosmos-1.0 Text2World
+            kw["fps"] = 16
+    else:
+        t = torch.tensor([999.0], device=job.device)
+        kw = {}
+    x = latents
+    if job.family.image and not cosmos:  # Wan I2V: mask + condition channels
+        x = torch.cat([latents, latents.new_zeros(1, 20, *latents.shape[2:])], 1)
 
     def reference(dtype, cond=None):
         """Text embeddings, one transformer forward and a decode by diffusers loaded in `dtype`."""
-        pipe = cls.from_pretrained(job.folder, torch_dtype=dtype).to(job.device)
+        extra = dict(safety_checker=pass_through_safety_checker()) if job.family.guardrail else {}
+        pipe = cls.from_pretrained(job.folder, torch_dtype=dtype, **extra).to(job.device)
         emb = {k: pipe.encode_prompt(p, **encode)[0] for k, p in prompts.items()}
-        extra = {}
-        if job.family.image:
+        args = {k: v.to(dtype) if v.is_floating_point() else v for k, v in kw.items() if torch.is_tensor(v)}
+        args |= {k: v for k, v in kw.items() if not torch.is_tensor(v)}
+        if job.family.image and not cosmos:
             g = torch.Generator().manual_seed(0)
             image = torch.randn(1, 257, pipe.transformer.config.image_dim, generator=g)
-            extra["encoder_hidden_states_image"] = image.to(job.device, dtype)
-        c = pipe.vae.config
-        mean = torch.tensor(c.latents_mean, device=job.device).view(1, -1, 1, 1, 1)
-        std = torch.tensor(c.latents_std, device=job.device).view(1, -1, 1, 1, 1)
+            args["encoder_hidden_states_image"] = image.to(job.device, dtype)
         with torch.no_grad():
             cond = (emb["prompt"] if cond is None else cond).to(dtype)  # the float32 embedding for both
-            noise = pipe.transformer(x.to(dtype), t, cond, return_dict=False, **extra)[0]
-            video = pipe.vae.decode((latents * std + mean).to(dtype), return_dict=False)[0]
+            timestep = t.to(dtype) if cosmos else t
+            noise = pipe.transformer(x.to(dtype), timestep, cond, return_dict=False, **args)[0]
+            if cosmos:  # raw latents into the decoder: the normalization is the pipelines' arithmetic
+                video = pipe.vae.decode(latents.to(dtype), return_dict=False)[0]
+            else:
+                c = pipe.vae.config
+                mean = torch.tensor(c.latents_mean, device=job.device).view(1, -1, 1, 1, 1)
+                std = torch.tensor(c.latents_std, device=job.device).view(1, -1, 1, 1, 1)
+                video = pipe.vae.decode((latents * std + mean).to(dtype), return_dict=False)[0]
         del pipe
         _release(job.device)
-        return emb, noise, video, extra
+        return emb, noise, video, args.get("encoder_hidden_states_image")
 
-    emb32, noise32, video32, extra32 = reference(torch.float32)
+    emb32, noise32, video32, image32 = reference(torch.float32)
     emb16, noise16, video16, _ = reference(torch.bfloat16, emb32["prompt"])
     for k in prompts:
-        out[f"text encoder ({k}): diffusers bf16"] = rel(emb16[k], emb32[k])
-    out["transformer: diffusers bf16"] = rel(noise16, noise32)
-    out["vae decode: diffusers bf16"] = rel(video16, video32)
+        out[f"text encoder ({k}): diffusers bf16"] = _rel(emb16[k], emb32[k])
+    out["transformer: diffusers bf16"] = _rel(noise16, noise32)
+    out["vae decode: diffusers bf16"] = _rel(video16, video32)
 
     attention = "fa3" if job.device.type == "cuda" else "sdpa"
-    pipe = dit_rt.load(str(job.folder), device=job.device, dtype=torch.bfloat16, attention=attention)
+    # the VAE in bf16 too: this compares components at one dtype (the pipelines' VAE dtype is a choice apart)
+    pipe = dit_rt.load(
+        str(job.folder), device=job.device, dtype=torch.bfloat16, vae_dtype="bfloat16", attention=attention
+    )
     with torch.no_grad():
         for k, p in prompts.items():
-            out[f"text encoder ({k}): dit_rt bf16"] = rel(pipe.encode_prompt([p]), emb32[k])
-        image = extra32.get("encoder_hidden_states_image")
-        image = None if image is None else image.bfloat16()
-        noise = pipe.transformers[0](x.bfloat16(), t, emb32["prompt"].bfloat16(), image)
-        out["transformer: dit_rt bf16"] = rel(noise, noise32)
-        video = pipe.vae.decode(pipe.vae.denormalize_latents(latents.bfloat16()))
-        out["vae decode: dit_rt bf16"] = rel(video, video32)
+            out[f"text encoder ({k}): dit_rt bf16"] = _rel(pipe.encode_prompt([p]), emb32[k])
+        cond = emb32["prompt"].bfloat16()
+        if cosmos:
+            args = {k: v.bfloat16() if torch.is_tensor(v) else v for k, v in kw.items()}
+            noise = pipe.transformers[0](x.bfloat16(), t.bfloat16(), cond, **args)
+            video = pipe.vae.decode(latents.bfloat16())
+        else:
+            image = None if image32 is None else image32.bfloat16()
+            noise = pipe.transformers[0](x.bfloat16(), t, cond, image)
+            video = pipe.vae.decode(pipe.vae.denormalize_latents(latents.bfloat16()))
+        out["transformer: dit_rt bf16"] = _rel(noise, noise32)
+        out["vae decode: dit_rt bf16"] = _rel(video, video32)
     print("\nerror against float32, same inputs:")
     for k, v in out.items():
         print(f"  {k:40} {v:.3e}")
