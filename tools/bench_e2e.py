@@ -785,9 +785,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def diagnose(job: Job) -> dict:
     """Error against float32 of each component's bf16 output, dit_rt and diffusers, on identical inputs:
-    text encoder (the prompt and the negative prompt), one transformer forward (the seed's latents, the float32
-    text embedding of the prompt), VAE decode (those latents). Wan and the T5 Cosmos families (Predict2
-    Text2Image / Video2World, 1.0)."""
+    text encoder (the prompt and the negative prompt), one transformer forward (the seed's latents, the
+    float32 text embedding of the prompt), VAE decode (those latents). Wan and the T5 Cosmos families
+    (Predict2 Text2Image / Video2World, 1.0)."""
     import diffusers
 
     import dit_rt
@@ -796,7 +796,8 @@ def diagnose(job: Job) -> dict:
     cosmos = pipeline.startswith("Cosmos")
     if not (pipeline.startswith("Wan") or cosmos) or pipeline.startswith("Cosmos2_5"):
         raise SystemExit(
-            "--diagnose: Wan and the T5 Cosmos families only (FLUX.1, Predict2.5: bench_flux.py, bench_cosmos.py)"
+            "--diagnose: Wan and the T5 Cosmos families only "
+            "(FLUX.1, Predict2.5: bench_flux.py, bench_cosmos.py)"
         )
     out = {}
     cls = getattr(diffusers, pipeline)
