@@ -335,3 +335,22 @@ def test_quality_only_keeps_exact_and_the_named_modes():
     assert list(cuda) == ["exact", "fa3 attention", "fa3-fp8 attention", "fast (fp8 linears + fa3-fp8)"]
     assert list(quality.modes("cpu", smoke=False, only="teacache 0.2")) == ["exact", "teacache 0.2"]
     assert len(quality.modes("cpu", smoke=False)) > 10  # no filter: every mode
+
+
+def test_svg_heads_per_type_on_the_trained_model():
+    """quality.svg_heads: every video self-attention head of the middle step is scored once per call and
+    typed; at budget 1 svg is dense (rounding only), at 0.34 it drops pairs the trained model attends to."""
+    from dit_rt.demo import DEMO_GUIDANCE, tiny_model_folder
+
+    folder, prompts = str(tiny_model_folder()), quality.PROMPTS[:1]
+    args = ("cpu", "float32", prompts, 0, 4, DEMO_GUIDANCE)
+    dense = quality.svg_heads(folder, *args, dict(chunk=16, budget=1.0))
+    sparse = quality.svg_heads(folder, *args, dict(chunk=16, budget=0.34))
+    cfg = json.loads((Path(folder) / "transformer" / "config.json").read_text())
+    calls = 2 * len(prompts)  # the conditional and unconditional passes of the middle step
+    for heads in (dense, sparse):
+        assert (
+            sum(h["heads"] for h in heads.values()) == cfg["num_layers"] * cfg["num_attention_heads"] * calls
+        )
+    assert all(h["max_rel_err"] < 1e-5 for h in dense.values() if h["heads"])
+    assert all(h["mean_rel_err"] > 1e-2 for h in sparse.values() if h["heads"])

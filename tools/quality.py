@@ -188,6 +188,53 @@ def run(
     return rows
 
 
+def svg_heads(
+    folder: str, device: str, dtype: str, prompts, seed: int, steps: int, guidance: float, svg_options
+):
+    """svg's error per head type on the trained model's own attention: a dense generation in which, at the
+    middle step, every video self-attention call also runs svg (as configured, on the same q / k / v, as a
+    layer past the dense first ones) and the relative L2 of its output against the dense one is taken per
+    head, grouped by the type svg's profiling gave the head. Returns {type: dict(heads, mean_rel_err,
+    max_rel_err)} (heads counted over layers, calls and batch rows)."""
+    import fnmatch
+
+    import dit_rt
+    from dit_rt.ops.attention import Attention, AttentionContext, attention_context, svg
+
+    pipe = dit_rt.load(folder, device=device, dtype=dtype, attention="sdpa")
+    model = pipe.transformers[0]
+    config = svg.SvgConfig.parse(dict(svg_options, dense="sdpa"))
+    errors: dict[str, list[float]] = {"spatial": [], "temporal": []}
+    at_step = steps // 2
+
+    def recorder(base):
+        def op(q, k, v, scale=None):
+            out = base(q, k, v, scale)
+            context = attention_context(model)
+            if context.step == at_step:
+                ctx = AttentionContext(grid=context.grid, step=1, num_steps=1)  # past any dense warm-up
+                probe = svg.SvgAttention(config, base, ctx, dense_layer=False)
+                sparse = probe(q, k, v, scale).float()
+                dense = out.float()
+                err = (sparse - dense).norm(dim=(1, 3)) / dense.norm(dim=(1, 3))  # [B, H]
+                for e, temporal in zip(err.flatten().tolist(), probe.temporal.flatten().tolist()):
+                    errors["temporal" if temporal else "spatial"].append(e)
+            return out
+
+        return op
+
+    for name, m in model.named_modules():
+        if isinstance(m, Attention) and any(fnmatch.fnmatchcase(name, p) for p in model.video_attention):
+            m.op = recorder(m.op)
+    generate(pipe, prompts, seed, steps, guidance)
+    return {
+        kind: dict(
+            heads=len(e), mean_rel_err=sum(e) / len(e) if e else None, max_rel_err=max(e, default=None)
+        )
+        for kind, e in errors.items()
+    }
+
+
 def table(rows: list[Row]) -> str:
     def db(x):
         return "-" if x is None else "exact" if math.isinf(x) else f"{x:.1f}"
@@ -220,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--smoke", action="store_true", help="one prompt, three steps, a few modes")
     p.add_argument(
+        "--svg-heads",
+        action="store_true",
+        help="also svg's error per head type (chunk 16, budgets 0.5 / 0.34)",
+    )
+    p.add_argument(
         "--only", default="", help="comma-separated parts of mode names to run (exact always runs)"
     )
     a = p.parse_args(argv)
@@ -236,9 +288,19 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{len(prompts)} prompts, {steps} steps, guidance {a.guidance}, seed {a.seed}, {a.device} {dtype}"
     )
     print(table(rows))
+    heads = {}
+    if a.svg_heads:
+        print("\nsvg vs dense attention per head type, middle step (relative L2 per head):")
+        for budget in (0.5, 0.34):
+            options = dict(chunk=16, budget=budget)
+            heads[budget] = svg_heads(folder, a.device, dtype, prompts, a.seed, steps, a.guidance, options)
+            for kind, h in heads[budget].items():
+                mean, worst = h["mean_rel_err"], h["max_rel_err"]
+                err = "-" if mean is None else f"mean {mean:.3e}, max {worst:.3e}"
+                print(f"  budget {budget}: {kind:8} heads {h['heads']:4}  {err}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump([asdict(r) for r in rows], f, indent=2)
+            json.dump(dict(rows=[asdict(r) for r in rows], svg_heads=heads), f, indent=2)
     return 0 if all(not r.error for r in rows[:1]) else 1
 
 
