@@ -494,3 +494,15 @@ def test_linear_gelu_epilogue_is_an_opaque_op():
     assert torch.allclose(fn(x), _linear_gelu_tanh(x, w, b))
     ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
     assert torch.ops.dit_rt.linear_gelu_tanh.default in ops or any("linear_gelu_tanh" in str(o) for o in ops)
+
+
+def test_capability_queried_once_per_device(monkeypatch):
+    """A plain dict cache (torch.compile traces functools' caches with a warning); CPU devices are (0, 0)."""
+    from dit_rt.ops.linear import base
+
+    calls = []
+    monkeypatch.setattr(base, "_CAPABILITIES", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: calls.append(i) or (9, 0))
+    assert base.capability(torch.device("cuda", 1)) == (9, 0) == base.capability(torch.device("cuda", 1))
+    assert calls == [1] and base.capability(torch.device("cpu")) == (0, 0)
+    assert not hasattr(base.capability, "cache_clear")

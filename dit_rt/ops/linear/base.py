@@ -7,8 +7,6 @@ them), `forward` computes y = x W^T + b from those buffers. Per-module options l
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -40,16 +38,18 @@ def pad2d(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return F.pad(t, (0, cols - t.shape[1], 0, rows - t.shape[0]))
 
 
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+_CAPABILITIES: dict[int, tuple[int, int]] = {}
 
 
 def capability(device: torch.device) -> tuple[int, int]:
-    """CUDA compute capability of `device`, (0, 0) for anything else; queried once per device."""
+    """CUDA compute capability of `device`, (0, 0) for anything else; queried once per device (a plain dict:
+    torch.compile, which reaches this from the fp8 forwards, traces functools' caches with a warning)."""
     if device.type != "cuda":
         return (0, 0)
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITIES:
+        _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITIES[index]
 
 
 def slice_rows(splits: tuple[int, ...], n_padded: int, device) -> torch.Tensor:
