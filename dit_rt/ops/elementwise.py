@@ -727,7 +727,9 @@ def rms_norm_silu_(out: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, eps:
     buffer) one pass writes straight into out, instead of a norm pass, a SiLU pass and the copy into the
     buffer. Returns out."""
     C = x.shape[1]
-    if _use_triton(x) and out.dtype == x.dtype and _frames_rows(x) and _frames_rows(out):
+    # float32 too (Wan's VAE runs in float32 by default; the kernel reduces in float32 whatever the dtype)
+    fits = _use_triton(x) or (_HAVE_TRITON and x.is_cuda and x.dtype == torch.float32)
+    if fits and out.dtype == x.dtype and _frames_rows(x) and _frames_rows(out):
         _rms_norm_silu_cuda(x, gamma.reshape(C).to(x.dtype), eps, out)
         return out
     y = F.rms_norm(x.movedim(1, -1), (C,), gamma.reshape(C).to(x.dtype), eps=eps).movedim(-1, 1)
