@@ -261,7 +261,8 @@ class Pipeline:
       check_inputs(...)                      before heavy work; the family's generate() calls it
       encode_prompt(prompts, **encode)       -> a branch's prompt conditioning
       prepare_latents(latents, request)      this dp group's noise (float32) -> (loop latents, shared cond)
-      make_scheduler(request)                -> a scheduler with `.timesteps` and `.step(pred, t, latents)`
+      make_scheduler(request)                -> a scheduler with `.timesteps` and `.step(pred, i, latents)`
+                                                (i: the step's index in `.timesteps`)
       predict(model, x, t, cond)             -> what guidance combines (velocity for Wan, x0 for Cosmos);
                                                 t is the step's timestep on the device: schedule lookups
                                                 take `self.schedule_index(t)` (no device sync in the loop)
