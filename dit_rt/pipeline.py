@@ -267,7 +267,8 @@ class Pipeline:
                                                 t is the step's timestep on the device: schedule lookups
                                                 take `self.schedule_index(t)` (no device sync in the loop)
       decode_latents(latents)                -> float32 frames (B, T, H, W, C) in [0, 1] on the device
-      expert_index(t)                        -> which of `transformers` runs at timestep t (default 0)
+      expert_index(t)                        -> which of `transformers` runs at timestep t (a host tensor;
+                                                default 0)
     and `guidance`, the name of its formula in GUIDANCE.
 
     What every family's __init__ and generate() do the same way is here too: `start`, `build_text_encoder`,
