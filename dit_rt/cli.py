@@ -35,7 +35,7 @@ def _rank() -> int:
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--dtype", help="bfloat16 | float16 | float32 (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--vae-dtype", help="dtype of the VAE (default: --dtype)")
+    p.add_argument("--vae-dtype", help="dtype of the VAE (default: --dtype; Wan: float32)")
     p.add_argument(
         "--attention", default="auto", help="attention backend (auto, sdpa, fa3, fa3-fp8, sage, ...)"
     )
