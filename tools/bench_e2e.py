@@ -21,7 +21,9 @@ Runs (`--runs`, comma separated; default: all that can run here):
   diffusers           diffusers bf16, VAE float32 (Wan model cards; FLUX.1: all bf16, as its card)
   diffusers-compile   + `transformer.compile_repeated_blocks(fullgraph=True)`
   diffusers-fp8       + torchao float8 dynamic activation / weight, rowwise scales, + regional compile
-  cache-dit           diffusers bf16 + cache-dit's default DBCache (approximate: skips computation)
+  cache-dit           diffusers bf16 + cache-dit's default DBCache (approximate: skips computation; its
+                      defaults warm up for 8 steps and compute the first 8 blocks, so it caches nothing at
+                      --steps 8 and refuses models of <= 8 blocks such as --tiny's: time it at more steps)
   exact               dit_rt bf16, attention fa3 (sdpa off the GPU)
   exact-graphs        + compile=True, cuda_graphs=True
   fast                dit_rt fp8-per-tensor linears + fa3-fp8 attention + compile + CUDA graphs
