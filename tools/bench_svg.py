@@ -19,7 +19,6 @@ Random weights give flat attention, so the errors are an upper bound, not the qu
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import math
 import statistics
@@ -28,7 +27,6 @@ import torch
 from bench_wan import _hub_config, fresh, randomize_, rel, timed
 
 from dit_rt.ops.attention import (
-    Attention,
     AttentionContext,
     attention_context,
     attention_step,
@@ -79,14 +77,6 @@ def inputs(family: str, model, size: tuple[int, int, int], dev: torch.device, dt
     mask[:, :, :1] = 1  # Video2World: the first latent frame conditions
     t = torch.full((1, 1, lat[2], 1, 1), 0.5, device=dev, dtype=dt)
     return (x, t, ctx), dict(fps=16, condition_mask=mask)
-
-
-def video_modules(model) -> list:
-    """The Attention modules the model declares as attending over its video tokens, in layer order."""
-    return [
-        m for n, m in model.named_modules()
-        if isinstance(m, Attention) and any(fnmatch.fnmatchcase(n, p) for p in model.video_attention)
-    ]  # fmt: skip
 
 
 def capture(model, args, kwargs, module) -> tuple[torch.Tensor, ...]:
@@ -145,7 +135,7 @@ def bench_model(name: str, options: dict, warmup: int, iters: int) -> dict:
     model = build(family, preset, dev, dt)
     args, kwargs = inputs(family, model, size, dev, dt)
     set_attention(model, config.dense, device=dev, dtype=dt)  # exact mode: the dense kernel everywhere
-    modules = video_modules(model)
+    modules = svg.video_attention_modules(model)
     q, k, v = capture(model, args, kwargs, modules[len(modules) // 2])
     grid = attention_context(model).grid
     dense = modules[0].op

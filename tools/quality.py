@@ -196,10 +196,8 @@ def svg_heads(
     layer past the dense first ones) and the relative L2 of its output against the dense one is taken per
     head, grouped by the type svg's profiling gave the head. Returns {type: dict(heads, mean_rel_err,
     max_rel_err)} (heads counted over layers, calls and batch rows)."""
-    import fnmatch
-
     import dit_rt
-    from dit_rt.ops.attention import Attention, AttentionContext, attention_context, svg
+    from dit_rt.ops.attention import AttentionContext, attention_context, svg
 
     pipe = dit_rt.load(folder, device=device, dtype=dtype, attention="sdpa")
     model = pipe.transformers[0]
@@ -223,9 +221,8 @@ def svg_heads(
 
         return op
 
-    for name, m in model.named_modules():
-        if isinstance(m, Attention) and any(fnmatch.fnmatchcase(name, p) for p in model.video_attention):
-            m.op = recorder(m.op)
+    for m in svg.video_attention_modules(model):
+        m.op = recorder(m.op)
     generate(pipe, prompts, seed, steps, guidance)
     return {
         kind: dict(

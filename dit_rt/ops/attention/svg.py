@@ -379,9 +379,22 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, ha
     return q.new_empty((*q.shape[:3], v.shape[-1]))  # [B, L, H, Dv] in q's dtype
 
 
+def video_attention_modules(model) -> list:
+    """The Attention modules the model declares (`video_attention` name patterns) as attending over its video
+    tokens, in layer order; [] for a model that declares none."""
+    from dit_rt.ops.attention import Attention
+
+    patterns = getattr(model, "video_attention", None) or ()
+    return [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, Attention) and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    ]
+
+
 def bind(model, config: SvgConfig, dense) -> dict:
     """The svg ops for the model's declared video attention modules (see the module docstring)."""
-    from dit_rt.ops.attention import Attention, attention_context
+    from dit_rt.ops.attention import attention_context
 
     owner = type(model).__name__
     patterns = getattr(model, "video_attention", None)
@@ -390,11 +403,7 @@ def bind(model, config: SvgConfig, dense) -> dict:
             f"attention 'svg' needs a video model: {owner} declares no `video_attention` (the Attention "
             "modules over its video tokens) and no video grid"
         )
-    modules = [
-        m
-        for name, m in model.named_modules()
-        if isinstance(m, Attention) and any(fnmatch.fnmatchcase(name, p) for p in patterns)
-    ]
+    modules = video_attention_modules(model)
     if not modules:
         raise ValueError(f"attention 'svg': no Attention module of {owner} matches {list(patterns)}")
     context = attention_context(model)
