@@ -21,9 +21,9 @@ Runs (`--runs`, comma separated; default: all that can run here):
   diffusers           diffusers bf16, VAE float32 (Wan model cards; FLUX.1: all bf16, as its card)
   diffusers-compile   + `transformer.compile_repeated_blocks(fullgraph=True)`
   diffusers-fp8       + torchao float8 dynamic activation / weight, rowwise scales, + regional compile
-  cache-dit           diffusers bf16 + cache-dit's default DBCache (approximate: skips computation; its
-                      defaults warm up for 8 steps and compute the first 8 blocks, so it caches nothing at
-                      --steps 8 and refuses models of <= 8 blocks such as --tiny's: time it at more steps)
+  cache-dit           diffusers bf16 + cache-dit's DBCache (approximate: skips computation): its defaults,
+                      or at <= 8 steps (its default warm-up is 8 steps) its own few-step recipe; it computes
+                      the first 8 blocks, so it refuses models of <= 8 blocks such as --tiny's
   exact               dit_rt bf16, attention fa3 (sdpa off the GPU)
   exact-graphs        + compile=True, cuda_graphs=True
   fast                dit_rt fp8-per-tensor linears + fa3-fp8 attention + compile + CUDA graphs
@@ -601,7 +601,7 @@ def diffusers_pipe(job: Job, name: str):
     if name == "cache-dit":
         import cache_dit
 
-        cache_dit.enable_cache(pipe)
+        cache_dit.enable_cache(pipe, cache_config=cache_dit_config(cache_dit, job.steps))
 
     negative = dict(negative_prompt=job.negative) if job.family.negative else {}
 
@@ -629,6 +629,21 @@ def diffusers_pipe(job: Job, name: str):
         return out[0].permute(0, 2, 3, 1).float().cpu()
 
     return pipe, generate
+
+
+def cache_dit_config(cache_dit, steps: int):
+    """cache-dit's default DBCache, or at <= 8 steps, where its default warm-up of 8 steps would cache
+    nothing, cache-dit's own few-step recipe (its examples' 8-step Qwen-Image-Lightning settings: 4 warm-up
+    steps, at most 2 cached steps and never two in a row, residual threshold 0.5), keeping its default of
+    computing the first 8 blocks."""
+    if steps > 8:
+        return cache_dit.DBCacheConfig()
+    return cache_dit.DBCacheConfig(
+        max_warmup_steps=4 if steps > 4 else 2,
+        max_cached_steps=2 if steps > 4 else 1,
+        max_continuous_cached_steps=1,
+        residual_diff_threshold=0.5 if steps > 4 else 0.8,
+    )
 
 
 def compile_blocks(transformer) -> None:
