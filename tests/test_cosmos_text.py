@@ -97,6 +97,50 @@ def test_t5_11b_embeddings_match_cosmos2_pipeline(t5_folder):
     assert want[0, :n].abs().amin() > 0 and (want[0, n:] == 0).all()
 
 
+def test_t5_11b_bf16_embeddings_equal_the_pipelines_bit_for_bit(t5_folder):
+    """In bf16 the Cosmos prompt states (`wan_text_embeddings`, no cleaning) are the pipeline's bit for bit:
+    the encoder attends over all max_length tokens as the reference does (over only the prompt's tokens the
+    bf16 attention rounded otherwise)."""
+    from diffusers import Cosmos2TextToImagePipeline
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    from dit_rt.models.text import wan_text_embeddings
+
+    index = {"text_encoder": ["transformers", "T5EncoderModel"]}
+    ours = build_component(t5_folder, index, "text_encoder", device=CPU, dtype=torch.bfloat16)
+    ref = T5EncoderModel.from_pretrained(str(t5_folder / "text_encoder"), torch_dtype=torch.bfloat16).eval()
+    stand_in = SimpleNamespace(
+        tokenizer=AutoTokenizer.from_pretrained(str(t5_folder / "tokenizer")),
+        text_encoder=ref,
+        _execution_device=CPU,
+    )
+    prompts = ["a robot arm picks up the red cube", "the cube on the table " * 3]
+    tok = T5Tokenizer.from_folder(t5_folder / "tokenizer")
+    with torch.no_grad():
+        want = Cosmos2TextToImagePipeline._get_t5_prompt_embeds(stand_in, prompts, 48, CPU, torch.bfloat16)
+        got = wan_text_embeddings(ours, tok, prompts, max_length=48, clean=False)
+    assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+def test_t5_tokenizer_whitespace_as_transformers(t5_folder):
+    """A folder whose tokenizer_config names T5Tokenizer (the Hub's T5 / UMT5 tokenizers) is pre-tokenized as
+    transformers 5 builds that class, whatever tokenizer.json holds: whitespace runs vanish (a trailing space
+    is no "▁" token, a tab or newline no unknown one). A generic fast tokenizer keeps its file's pipeline
+    (tests/test_umt5.py covers that side)."""
+    from transformers import AutoTokenizer
+
+    assert json.loads((t5_folder / "tokenizer" / "tokenizer_config.json").read_text())["tokenizer_class"] == (
+        "T5Tokenizer"
+    )
+    hf = AutoTokenizer.from_pretrained(str(t5_folder / "tokenizer"))
+    ours = T5Tokenizer.from_folder(t5_folder / "tokenizer")
+    prompts = ["the red cube ", "  the\trobot\n arm  ", "a robot arm picks up the red cube", "\n"]
+    want = hf(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    ids, mask = ours.encode(prompts, max_length=16)
+    assert torch.equal(ids, want.input_ids) and torch.equal(mask, want.attention_mask)
+    assert ids[0, :4].tolist() == hf(["the red cube"]).input_ids[0]  # the trailing space adds nothing
+
+
 def test_t5_config_without_feed_forward_proj_is_relu():
     """google-t5/t5-11b's own config.json has no feed_forward_proj: transformers' T5Config then means
     "relu"; a UMT5 config without it stays gated-gelu."""

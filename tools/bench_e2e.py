@@ -13,12 +13,14 @@ same checkpoint, same latents, and every run's frames against one float32 refere
    frames to the host) once per seed, from the same latents. Its frames are stored per seed.
 3. The table compares every run's frames with the float32 run's (`ref`) of the same seed: relative L2 and
    PSNR, averaged over the seeds (>= 3: with random weights, one seed cannot tell a real precision gap from
-   chaos over the steps). Runs accumulate in the work folder across invocations, so a long list can be split
+   chaos over the steps), and each run's error over diffusers bf16's, seed by seed (mean and range). Each
+   seed has its own prompt as well as its own latents, so that the seeds also sample the text encoder's
+   error (`PROMPTS`). Runs accumulate in the work folder across invocations, so a long list can be split
    over several calls; the table and the JSON cover every run present.
 
 Runs (`--runs`, comma separated; default: all that can run here):
   ref                 diffusers, everything float32 (the reference; TF32 off)
-  diffusers           diffusers bf16, VAE float32 (Wan model cards; FLUX.1: all bf16, as its card)
+  diffusers           diffusers bf16, VAE (and Wan I2V's CLIP) float32 (Wan model cards; FLUX.1: all bf16)
   diffusers-compile   + `transformer.compile_repeated_blocks(fullgraph=True)`
   diffusers-fp8       + torchao float8 dynamic activation / weight, rowwise scales, + regional compile
   cache-dit           diffusers bf16 + cache-dit's DBCache (approximate: skips computation): its defaults,
@@ -69,7 +71,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling tools when i
 from bench_wan import VAE as WAN_VAE  # noqa: E402
 from bench_wan import _hub_config, randomize_  # noqa: E402
 
-PROMPT = "a cat and a dog baking a cake in a sunny kitchen"
+# One prompt per seed (seed % 6): every seed then samples the text encoder's bf16 error too. With one prompt
+# shared by all seeds that error is the same in every seed, and with random weights it is the largest in the
+# pipeline (UMT5-XXL in bf16 is ~0.7 off float32), so the seeds agreed to 3 digits and could not tell a
+# precision gap from where that one error happened to land (2026-12-06, BENCHMARKS.md).
+PROMPTS = (
+    "a cat and a dog baking a cake in a sunny kitchen",
+    "a red sailboat crossing a stormy sea at dusk",
+    "an old man playing chess in a quiet park",
+    "a city street at night with neon signs and rain",
+    "a robot arm stacking wooden blocks on a table",
+    "snow falling on a mountain village in winter",
+)
+PROMPT = PROMPTS[0]  # the prompt of --diagnose
+
+
+def prompt_of(seed: int) -> str:
+    return PROMPTS[seed % len(PROMPTS)]
+
+
 # The generator of each call beside the given latents: what else a pipeline draws (Cosmos Video2World's
 # posterior sample of the conditioning frames), alike on both sides (dit_rt's `seed=` draws as diffusers'
 # CPU generator does).
@@ -225,12 +245,12 @@ def small_tokenizer():
 
 
 def small_clip_tokenizer():
-    """A small CLIP BPE tokenizer spelling the prompt's words (dit_rt.demo.clip_bpe_vocab)."""
+    """A small CLIP BPE tokenizer spelling the prompts' words (dit_rt.demo.clip_bpe_vocab)."""
     from transformers import CLIPTokenizer
 
     from dit_rt.demo import clip_bpe_vocab
 
-    vocab, merges = clip_bpe_vocab(sorted(set(PROMPT.split())))
+    vocab, merges = clip_bpe_vocab(sorted({w for p in PROMPTS for w in p.split()}))
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
@@ -586,6 +606,11 @@ def diffusers_pipe(job: Job, name: str):
     if job.family.vae:  # Wan: the VAE in float32 beside a bf16 pipeline
         vae_cls = getattr(diffusers, job.family.vae)
         extra["vae"] = vae_cls.from_pretrained(job.folder / "vae", torch_dtype=torch.float32)
+        if (job.folder / "image_encoder").is_dir():  # Wan 2.1 I2V: CLIP in float32 too, as its model card
+            from transformers import CLIPVisionModel
+
+            path = job.folder / "image_encoder"
+            extra["image_encoder"] = CLIPVisionModel.from_pretrained(path, torch_dtype=torch.float32)
     if job.family.guardrail:  # the Hub's entry names NVIDIA's package: a pass-through checker stands in
         extra["safety_checker"] = pass_through_safety_checker()
     pipe = cls.from_pretrained(job.folder, torch_dtype=dtype, **extra).to(job.device)
@@ -605,10 +630,10 @@ def diffusers_pipe(job: Job, name: str):
 
     negative = dict(negative_prompt=job.negative) if job.family.negative else {}
 
-    def generate(latents: torch.Tensor, steps: int) -> torch.Tensor:
+    def generate(latents: torch.Tensor, steps: int, prompt: str) -> torch.Tensor:
         if job.family.still:
             out = pipe(
-                prompt=PROMPT,
+                prompt=prompt,
                 **negative,
                 latents=latents.to(job.device),
                 num_inference_steps=steps,
@@ -618,7 +643,7 @@ def diffusers_pipe(job: Job, name: str):
             ).images  # [B, C, H, W] in [0, 1]
             return out[0].permute(1, 2, 0).unsqueeze(0).float().cpu()  # one frame: [1, H, W, C]
         out = pipe(
-            prompt=PROMPT,
+            prompt=prompt,
             **negative,
             latents=latents.to(job.device),
             num_inference_steps=steps,
@@ -681,9 +706,9 @@ def dit_rt_pipe(job: Job, name: str):
         opts = dict(attention="sdpa", dtype=torch.bfloat16 if job.bf16 else torch.float32)
     pipe = dit_rt.load(str(job.folder), device=job.device, **opts)
 
-    def generate(latents: torch.Tensor, steps: int) -> torch.Tensor:
+    def generate(latents: torch.Tensor, steps: int, prompt: str) -> torch.Tensor:
         out = pipe.generate(
-            PROMPT,
+            prompt,
             job.negative if job.family.negative else None,
             latents=latents,
             num_inference_steps=steps,
@@ -721,7 +746,7 @@ def run(job: Job, name: str, results: Path) -> dict:
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     if name != "ref":  # compile / capture / lazy setup; the reference is not timed against anything
-        generate(job.latents(job.seeds[0] + 1000), min(2, job.steps))
+        generate(job.latents(job.seeds[0] + 1000), min(2, job.steps), prompt_of(job.seeds[0] + 1))
     _sync(job.device)
     warmup_s = time.perf_counter() - t0
     times, phases = [], []
@@ -729,7 +754,7 @@ def run(job: Job, name: str, results: Path) -> dict:
         latents = job.latents(seed)
         _sync(job.device)
         t0 = time.perf_counter()
-        frames = generate(latents, job.steps)
+        frames = generate(latents, job.steps, prompt_of(seed))
         _sync(job.device)
         times.append(time.perf_counter() - t0)
         phases.append(getattr(generate, "timings", None))
@@ -766,29 +791,42 @@ def frame_errors(frames: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]
 
 
 def table(results: Path, order: list[str]) -> list[dict]:
-    """Every stored run with its errors against `ref`, seed by seed averaged; printed as a table."""
+    """Every stored run with its errors against `ref`, seed by seed averaged; printed as a table. Where the
+    diffusers bf16 run is stored too, each run's error is also divided by diffusers' seed by seed: the mean
+    of those ratios and their range over the seeds (a range that straddles 1 is no evidence of a gap)."""
     rows = []
     records = {p.stem: json.loads(p.read_text()) for p in results.glob("*.json")}
     base = records.get("diffusers")
     for name in sorted(records, key=lambda n: order.index(n) if n in order else len(order)):
         r = records[name]
-        errs = []
+        errs = {}
         for seed in r["seeds"]:
             ref, mine = results / f"ref.seed{seed}.pt", results / f"{name}.seed{seed}.pt"
             if name != "ref" and ref.is_file() and mine.is_file():
-                errs.append(frame_errors(torch.load(mine), torch.load(ref)))
-        r["rel_l2"] = statistics.mean(e[0] for e in errs) if errs else None
-        r["rel_l2_per_seed"] = [e[0] for e in errs]
-        r["psnr_db"] = statistics.mean(e[1] for e in errs) if errs else None
+                errs[seed] = frame_errors(torch.load(mine), torch.load(ref))
+        r["rel_l2"] = statistics.mean(e[0] for e in errs.values()) if errs else None
+        r["rel_l2_per_seed"] = [e[0] for e in errs.values()]
+        r["psnr_db"] = statistics.mean(e[1] for e in errs.values()) if errs else None
         r["speedup_vs_diffusers"] = base["median_s"] / r["median_s"] if base else None
+        r["_errs"] = errs
         rows.append(r)
-    head = ("run", "load s", "generate s", "vs diffusers", "rel L2 vs fp32", "PSNR dB")
-    print("\n{:18} {:>7} {:>10} {:>12} {:>15} {:>8}".format(*head))
+    base_errs = next((r["_errs"] for r in rows if r["run"] == "diffusers"), {})
+    for r in rows:
+        ratios = [e[0] / base_errs[s][0] for s, e in r.pop("_errs").items() if base_errs.get(s, (0,))[0] > 0]
+        r["rel_l2_vs_diffusers"] = statistics.mean(ratios) if ratios else None
+        r["rel_l2_vs_diffusers_range"] = [min(ratios), max(ratios)] if ratios else None
+    head = ("run", "load s", "generate s", "vs diffusers", "rel L2 vs fp32", "PSNR dB", "err / diffusers'")
+    print("\n{:18} {:>7} {:>10} {:>12} {:>15} {:>8} {:>24}".format(*head))
     for r in rows:
         speed = f"{r['speedup_vs_diffusers']:.2f}x" if r["speedup_vs_diffusers"] else "-"
         err = f"{r['rel_l2']:.3e}" if r["rel_l2"] is not None else "-"
         psnr = f"{r['psnr_db']:.2f}" if r["psnr_db"] is not None else "-"
-        print(f"{r['run']:18} {r['load_s']:7.1f} {r['median_s']:10.2f} {speed:>12} {err:>15} {psnr:>8}")
+        ratio = "-"
+        if r["rel_l2_vs_diffusers"] is not None:
+            lo, hi = r["rel_l2_vs_diffusers_range"]
+            ratio = f"{r['rel_l2_vs_diffusers']:.3f} [{lo:.3f}, {hi:.3f}]"
+        cells = f"{r['run']:18} {r['load_s']:7.1f} {r['median_s']:10.2f} {speed:>12}"
+        print(f"{cells} {err:>15} {psnr:>8} {ratio:>24}")
     return rows
 
 

@@ -205,6 +205,27 @@ class T5Tokenizer(_PaddedTokenizer):
     default_max_length = 512
     default_pad_token = "<pad>"
 
+    # The tokenizer classes for which transformers 5 (the reference) builds the pre-tokenizer itself, whatever
+    # tokenizer.json holds: whitespace runs split words and vanish (leading, trailing and repeated spaces,
+    # tabs, newlines), then Metaspace. Under a file's plain Metaspace (what transformers keeps for a generic
+    # fast tokenizer) a trailing space is a "▁" token of its own and a tab an unknown one.
+    whitespace_split_classes: ClassVar[tuple[str, ...]] = ("T5Tokenizer", "T5TokenizerFast")
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> T5Tokenizer:
+        out = super().from_folder(folder)
+        if (
+            _read_json(Path(folder) / "tokenizer_config.json").get("tokenizer_class")
+            in cls.whitespace_split_classes
+        ):
+            out.tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.WhitespaceSplit(),
+                    pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+                ]
+            )
+        return out
+
 
 # CLIP's pre-tokenizer split (what the original `clip.simple_tokenizer` regex keeps): the special tokens,
 # English contractions, letter runs, single digits, runs of other non-space symbols.
@@ -295,19 +316,18 @@ def wan_text_embeddings(
 
     Prompts are cleaned (`prompt_clean`), tokenized (padded to max_length, `</s>` appended) and encoded with
     the padding mask; then only each prompt's real tokens are kept, as WanPipeline._get_t5_prompt_embeds does.
-    The encoder only sees the longest prompt's tokens: with the padding keys masked, the real rows do not
-    depend on how many padding columns follow, and the rows past the length are zeroed anyway, so a short
-    prompt costs a short forward instead of a 512-token one.
+    The encoder sees all max_length tokens, as the reference's does: with the padding keys masked the real
+    rows are the same in exact arithmetic whatever follows them, but not in bf16, where the attention over
+    512 keys rounds otherwise than over the prompt's few (a 512-token UMT5-XXL pass is ~10 ms on a GPU, once
+    per prompt; the shorter pass left the states ~1e-2 off diffusers' bf16 ones).
     """
     if tokenizer.padding_side != "right":
         raise ValueError("wan_text_embeddings needs a right-padding tokenizer (real tokens first)")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     ids, mask = tokenizer.encode([prompt_clean(p) for p in prompts] if clean else prompts, max_length)
     lens = mask.sum(dim=1)  # [B] real tokens incl. </s>
-    n = int(lens.max())
     param = next(encoder.parameters())
-    hidden = encoder(ids[:, :n].to(param.device), mask[:, :n].to(param.device))  # [B, n, d_model]
-    out = hidden.new_zeros(len(prompts), max_length, hidden.shape[-1])
-    keep = torch.arange(n, device=hidden.device)[None, :] < lens.to(hidden.device)[:, None]  # [B, n]
-    out[:, :n] = torch.where(keep[..., None], hidden, 0.0)
+    hidden = encoder(ids.to(param.device), mask.to(param.device))  # [B, max_length, d_model]
+    keep = torch.arange(max_length, device=hidden.device)[None, :] < lens.to(hidden.device)[:, None]
+    out = torch.where(keep[..., None], hidden, 0.0)
     return out.to(device=device or hidden.device, dtype=dtype or hidden.dtype)

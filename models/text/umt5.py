@@ -24,10 +24,20 @@ from torch import nn
 from dit_rt.ops import Linear, fused
 from dit_rt.runner import BlockRunner
 
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """The tanh-approximated GELU written out op by op, as both references compute it (transformers'
+    `NewGELUActivation`, which "gated-gelu" maps to, and Wan's own T5): in bf16 every op rounds, so it is not
+    F.gelu(approximate="tanh") (float32 inside, one rounding) to the last bit. Those bits matter: over 24
+    layers of random weights the fused form left the prompt states as far from the reference's bf16 states
+    as from float32's, and the frames of a bf16 generation ~5% further from float32 than diffusers' on most
+    prompts (tools/bench_e2e.py --cpu-bf16); written out, the encoder equals the reference bit for bit."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
 _ACTIVATIONS = {
-    # transformers maps "gated-gelu" to the tanh approximation ("gelu_new"); "gelu_pytorch_tanh" is the same.
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": gelu_new,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),  # transformers' PytorchGELUTanh
     "gelu": F.gelu,
     "relu": F.relu,
     "silu": F.silu,
