@@ -618,7 +618,10 @@ def diffusers_pipe(job: Job, name: str):
     if name == "diffusers-fp8":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        # activation_value_lb: torchao's rowwise scale is the row's amax / 448 with no floor, so an all-zero
+        # row (Wan's text states are zero past the prompt) quantizes as 0 / 0 = NaN: the 2026-12-06 H100 run
+        # without it gave NaN frames on every seed. A floor leaves every other row's scale as it is.
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), activation_value_lb=1e-12)
         bf16 = lambda m, fqn: isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.bfloat16  # noqa: E731
         quantize_(pipe.transformer, config, filter_fn=bf16)  # not the fp32-kept time embedder
     if name in ("diffusers-compile", "diffusers-fp8"):
