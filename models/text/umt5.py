@@ -28,10 +28,11 @@ from dit_rt.runner import BlockRunner
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
     """The tanh-approximated GELU written out op by op, as both references compute it (transformers'
     `NewGELUActivation`, which "gated-gelu" maps to, and Wan's own T5): in bf16 every op rounds, so it is not
-    F.gelu(approximate="tanh") (float32 inside, one rounding) to the last bit. Those bits matter: over 24
-    layers of random weights the fused form left the prompt states as far from the reference's bf16 states
-    as from float32's, and the frames of a bf16 generation ~5% further from float32 than diffusers' on most
-    prompts (tools/bench_e2e.py --cpu-bf16); written out, the encoder equals the reference bit for bit."""
+    F.gelu(approximate="tanh") (float32 inside, one rounding) to the last bit. Those bits matter: in the
+    tests' 2-layer UMT5 the fused form left the bf16 prompt states about as far from the reference's bf16
+    states as from float32's, and a bf16 Wan generation's frames ~5% further from float32 than diffusers'
+    on most prompts (tools/bench_e2e.py --cpu-bf16, with the prompt-length pass of wan_text_embeddings);
+    written out, the encoder equals the reference bit for bit."""
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
